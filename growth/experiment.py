@@ -1,0 +1,199 @@
+"""Progressive-growth experiments: arms, schedules, presets and their validation.
+
+An arm trains one model through a schedule of widths, e.g. sizes (4, 8, 16) with steps
+(1000, 1000, 2000): 1000 steps at d=4, grow to 8, 1000 steps, grow to 16, 2000 steps. An arm with a
+single size is a from-scratch baseline. All arms of an experiment train for the same number of steps
+on the same batch size, so they see the same tokens in the same order for a given seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from models.config import ModelConfig
+from models.train import TrainConfig
+
+GROWTH_MODES = ("mirror", "tile")
+OPTIMIZER_MODES = ("reset", "grow")
+
+
+class ScheduleError(ValueError):
+    """An experiment that cannot run: a bad schedule or recipe, found before anything trains."""
+
+
+def seed_config(d_model: int) -> ModelConfig:
+    """Config of a fresh model at width `d_model` with the seed's shape: head_dim 2, d_ff = 2 * d_model.
+
+    Growing such a model k-fold gives exactly `seed_config(k * d_model)`, so a from-scratch baseline
+    has the same architecture as the grown model it is compared with.
+    """
+    if d_model < 2 or d_model % 2:
+        raise ScheduleError(f"width {d_model} must be an even number >= 2 (heads have dim 2)")
+    return ModelConfig(d_model=d_model, n_heads=d_model // 2, d_ff=2 * d_model)
+
+
+@dataclass
+class Arm:
+    """One training recipe: a width schedule and what happens at each growth step."""
+
+    name: str
+    sizes: list[int]
+    steps: list[int]  # optimizer steps at each width
+    mode: str = "mirror"  # growth operator: "mirror" (symmetry broken) or "tile" (exact copies)
+    noise: float | None = None  # mirror noise scale; None: the growth module's default
+    optimizer: str = "grow"  # "grow": AdamW moments carried over; "reset": fresh AdamW
+    width_aware: bool = True  # per-parameter learning-rate, decay, eps and clipping multipliers
+    rewarmup_steps: int = 0  # 0: the schedule continues; N: the rate ramps up again over N steps
+
+    @property
+    def is_scratch(self) -> bool:
+        return len(self.sizes) == 1
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.steps)
+
+    @property
+    def final_width(self) -> int:
+        return self.sizes[-1]
+
+    def growth_steps(self) -> list[int]:
+        """Steps (counted from the start of the arm) at which the model grows."""
+        boundaries, total = [], 0
+        for count in self.steps[:-1]:
+            total += count
+            boundaries.append(total)
+        return boundaries
+
+    def validate(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ScheduleError(f"arm name {self.name!r} must be a non-empty name without '/'")
+        if len(self.sizes) != len(self.steps):
+            raise ScheduleError(
+                f"arm {self.name}: {len(self.sizes)} sizes but {len(self.steps)} step counts; "
+                "give one step count per size"
+            )
+        if any(not isinstance(s, int) or s <= 0 for s in self.steps):
+            raise ScheduleError(f"arm {self.name}: step counts must be positive integers, got {self.steps}")
+        for size in self.sizes:
+            seed_config(size)
+        for small, large in zip(self.sizes, self.sizes[1:]):
+            if large <= small or large % small:
+                raise ScheduleError(
+                    f"arm {self.name}: sizes must grow by integer factors, but {small} -> {large} does not "
+                    f"(allowed after {small}: {2 * small}, {3 * small}, {4 * small}, ...)"
+                )
+        if self.mode not in GROWTH_MODES:
+            raise ScheduleError(f"arm {self.name}: growth mode must be one of {GROWTH_MODES}, got {self.mode!r}")
+        if self.optimizer not in OPTIMIZER_MODES:
+            raise ScheduleError(
+                f"arm {self.name}: optimizer mode must be one of {OPTIMIZER_MODES}, got {self.optimizer!r}"
+            )
+        if self.noise is not None and self.noise < 0:
+            raise ScheduleError(f"arm {self.name}: noise must be >= 0, got {self.noise}")
+        if self.rewarmup_steps < 0:
+            raise ScheduleError(f"arm {self.name}: rewarmup steps must be >= 0, got {self.rewarmup_steps}")
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything a run directory needs to reproduce an experiment."""
+
+    name: str
+    arms: list[Arm]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    train: TrainConfig = field(default_factory=TrainConfig)  # `steps` is set to the arms' total
+    data: str | None = None  # corpus path; None: the default corpus
+    init_checkpoint: str | None = None  # progressive arms start from it instead of a fresh model
+    description: str = ""
+
+    def validate(self) -> None:
+        if not self.arms:
+            raise ScheduleError("the experiment has no arms")
+        names = [arm.name for arm in self.arms]
+        if len(set(names)) != len(names):
+            raise ScheduleError(f"arm names must be unique, got {names}")
+        for arm in self.arms:
+            arm.validate()
+        totals = {arm.total_steps for arm in self.arms}
+        if len(totals) != 1:
+            raise ScheduleError(
+                "every arm must train for the same total steps so all see the same tokens, got "
+                + ", ".join(f"{arm.name}: {arm.total_steps}" for arm in self.arms)
+            )
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ScheduleError(f"seeds must be a non-empty list of distinct integers, got {self.seeds}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ExperimentConfig":
+        values = dict(values)
+        values["arms"] = [Arm(**arm) for arm in values["arms"]]
+        values["train"] = TrainConfig(**values["train"])
+        return cls(**values)
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ScheduleError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise ScheduleError(f"{what} is empty")
+    return values
+
+
+def schedule_arms(
+    sizes: list[int],
+    steps: list[int],
+    modes: list[str],
+    baselines: bool,
+    **recipe: Any,
+) -> list[Arm]:
+    """Arms for one width schedule: a progressive arm per growth mode, plus from-scratch baselines.
+
+    Each baseline trains one of the grown widths from scratch for the whole schedule's steps.
+    """
+    label = "-".join(str(size) for size in sizes)
+    arms = [Arm(f"{mode}-{label}", list(sizes), list(steps), mode=mode, **recipe) for mode in modes]
+    if baselines:
+        total = sum(steps)
+        arms += [Arm(f"scratch-{size}", [size], [total]) for size in sizes[1:]]
+    return arms
+
+
+def preset(name: str) -> ExperimentConfig:
+    """Return a named reference experiment."""
+    if name == "readme":
+        # Seed scale: 4 -> 8 -> 16 (and 4 -> 16 in one step) against scratch 8 and 16, 3 seeds.
+        steps = [750, 750, 1500]
+        arms = schedule_arms([4, 8, 16], steps, ["mirror", "tile"], baselines=True)
+        arms.insert(2, Arm("mirror-4-16", [4, 16], [1500, 1500]))
+        arms.insert(3, Arm("mirror-4-8-16-reset", [4, 8, 16], steps, optimizer="reset", width_aware=False, rewarmup_steps=100))
+        return ExperimentConfig(
+            name="readme",
+            arms=arms,
+            seeds=[0, 1, 2],
+            train=TrainConfig(steps=sum(steps), batch_size=32, eval_interval=150, eval_batches=8),
+            description="seed scale: 4 -> 8 -> 16 against scratch baselines, default corpus",
+        )
+    if name == "compute-limited":
+        # Few tokens per parameter of the final model, where the literature finds growth can pay off.
+        steps = [300, 300, 600]
+        arms = schedule_arms([32, 64, 128], steps, ["mirror"], baselines=False)
+        arms.append(Arm("scratch-128", [128], [sum(steps)]))
+        return ExperimentConfig(
+            name="compute-limited",
+            arms=arms,
+            seeds=[0, 1, 2],
+            train=TrainConfig(steps=sum(steps), batch_size=32, learning_rate=3e-3, eval_interval=100, eval_batches=8),
+            description="compute-limited: 32 -> 64 -> 128 against scratch 128 at under 20 tokens per parameter",
+        )
+    raise ScheduleError(f"unknown preset {name!r}; choose one of: readme, compute-limited")
+
+
+PRESETS = ("readme", "compute-limited")
