@@ -1,0 +1,57 @@
+"""Sample text from a TinyTransformer checkpoint.
+
+    python scripts/generate.py checkpoints/tiny-d4.safetensors --prompt "def " --max-new-tokens 200
+
+The prompt is encoded as UTF-8 bytes and the output bytes are decoded as UTF-8 with invalid
+sequences shown as U+FFFD, so any sample prints. The same checkpoint, arguments and --seed give
+the same text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from models.checkpoint import load_checkpoint
+from models.device import DEVICE_CHOICES, resolve_device
+from models.generate import check_sampling_arguments, generate
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Sample bytes from a TinyTransformer checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("checkpoint", help="path of a .safetensors checkpoint written by scripts/train.py")
+    parser.add_argument("--prompt", default="", help="text to continue; an empty prompt starts from a newline byte")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="bytes to generate")
+    parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 takes the most likely byte (greedy)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely bytes, 1 to 256 (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="where to run the model")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sys.stdout.reconfigure(errors="replace")  # U+FFFD cannot be encoded on an ASCII-only terminal
+    try:
+        check_sampling_arguments(args.max_new_tokens, args.temperature, args.top_k)
+        device = resolve_device(args.device)
+        model, _ = load_checkpoint(args.checkpoint, device=device)
+    except ValueError as error:  # CheckpointError is a ValueError
+        print(f"generate.py: error: {error}", file=sys.stderr)
+        return 2
+
+    prompt = args.prompt.encode("utf-8")
+    generator = torch.Generator().manual_seed(args.seed)
+    sample = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, generator)
+    # Decode prompt and sample together, so a character split across the boundary stays whole.
+    print((prompt + sample).decode("utf-8", errors="replace"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
