@@ -32,9 +32,9 @@ c*d .. c*d + d - 1). Every layer maps k copies of its input to k copies of its o
 
 Attention. The fused qkv rows are laid out '(three h e)'. Tiling each of the q, k and v parts gives rows
 '(three copy h e)', which is '(three h2 e)' with new head h2 = copy * n_heads + h: heads grow k-fold,
-head_dim stays, and every new head is a copy of an old head. So the rotary frequencies (which depend on
-head_dim) and the 1/sqrt(head_dim) scale are unchanged, rotary on q, k and v acts on each copy as on the
-original, and the attention output is k copies of the original in '(h e)' layout.
+head_dim stays, and every new head is a copy of an old head. The rotary frequencies depend only on
+head_dim, so they and the 1/sqrt(head_dim) scale are unchanged. Rotary on q, k and v then acts on each
+copy as on the original, and the attention output is k copies of the original in '(h e)' layout.
 
 Dropout is not a parameter: the grown config derives it from the new d_model.
 """
@@ -85,7 +85,7 @@ def _rule(name: str) -> tuple[str, int]:
 
 
 def is_tiled_matrix(name: str) -> bool:
-    """Whether parameter `name` is grown into blocks divided by k (qkv, proj, up, down and lm_head weights).
+    """Return whether parameter `name` grows into blocks divided by k (qkv, proj, up, down, lm_head weights).
 
     False for the token embedding, LayerNorm parameters and biases, which are grown by exact copies.
     """

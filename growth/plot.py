@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is set)
 
 from models.checkpoint import CheckpointMeta, read_checkpoint_meta  # noqa: E402
 
+MIN_LOSS_SPAN = 0.1  # nats/byte
+
 
 def plot_growth_history(meta_or_path: CheckpointMeta | str | Path, out_png: str | Path) -> Path:
     """Save a PNG of loss before and after each expansion (x: "4→8", ...; y: nats/byte) and return its path.
@@ -32,8 +34,19 @@ def plot_growth_history(meta_or_path: CheckpointMeta | str | Path, out_png: str 
     axis.plot(positions, before, "o", markersize=9, fillstyle="none", label="before (source model)")
     axis.plot(positions, after, "x", markersize=7, label="after (grown model)")
     axis.set_xticks(list(positions), labels)
+    axis.set_xlim(-0.5, len(history) - 0.5)
     axis.set_xlabel("expansion (d_model before → after)")
     axis.set_ylabel("validation loss (nats/byte)")
+    axis.ticklabel_format(axis="y", useOffset=False)
+
+    # An exact expansion changes the loss by ~1e-7, so the axis spans at least MIN_LOSS_SPAN to show
+    # that as coincident markers rather than magnifying the rounding.
+    low, high = min(before + after), max(before + after)
+    middle, half_span = (low + high) / 2, max(high - low, MIN_LOSS_SPAN) / 2 * 1.15
+    axis.set_ylim(middle - half_span, middle + half_span)
+    largest_change = max(abs(a - b) for a, b in zip(after, before))
+    axis.text(0.98, 0.04, f"max |after - before| = {largest_change:.1e} nats/byte", transform=axis.transAxes,
+              ha="right", va="bottom", fontsize=8)
 
     corpus = (meta.corpus or {}).get("source", "corpus not recorded")
     widths = "→".join(str(width) for width in [history[0]["from"], *(entry["to"] for entry in history)])

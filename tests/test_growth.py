@@ -8,15 +8,9 @@ import pytest
 import torch
 from einops import rearrange
 
-from growth import (
-    DEFAULT_NOISE,
-    expand,
-    expand_parameter,
-    grow_checkpoint,
-    is_tiled_matrix,
-    plot_growth_history,
-    repeat_parameter,
-)
+from growth.checkpoint import grow_checkpoint
+from growth.expand import DEFAULT_NOISE, expand, expand_parameter, is_tiled_matrix, repeat_parameter
+from growth.plot import plot_growth_history
 from models.checkpoint import CheckpointMeta, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from models.config import ModelConfig
 from models.data import ByteDataset, load_corpus
@@ -32,7 +26,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}  # max |logit difference
 
 
 def train_seed_model(steps: int = TRAIN_STEPS) -> tuple[TinyTransformer, dict]:
-    """Train the d_model 4 seed model with AdamW on the default corpus; return it and the corpus fingerprint."""
+    """Train the d_model 4 seed model with AdamW on the default corpus and return it with the corpus fingerprint."""
     torch.manual_seed(0)
     config = ModelConfig()
     corpus = load_corpus(None, config.context_length)
