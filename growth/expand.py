@@ -134,7 +134,7 @@ def _add_mirror_noise(
     for part in range(parts):
         rms = float(source[part].pow(2).mean().sqrt())
         draws[part].normal_(0.0, noise * rms / factor, generator=generator)
-    draws = draws.to(blocks.device)
+    draws = draws.to(blocks.device)  # NOTE: only the CPU path is covered by tests, CUDA and MPS never ran
 
     by_block[:, :, :-1] += draws
     by_block[:, :, -1] -= draws.sum(dim=2)  # (p, ro, o, i): each row of blocks now sums to zero noise
