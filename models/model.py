@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from models.attention import chunked_causal_attention
 from models.config import ModelConfig
 from models.losses import linear_cross_entropy
 from models.rotary import apply_rotary, rotary_tables
@@ -20,10 +21,10 @@ from models.rotary import apply_rotary, rotary_tables
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with rotary embeddings on the configured projections.
 
-    Two implementations compute the same function. `fast=True` writes attention as batched matrix
-    products over all heads with a precomputed additive mask, because the fused CPU kernel of
-    `scaled_dot_product_attention` is tuned for head dims of 64 and more and is slow at head_dim 2.
-    `fast=False` calls `scaled_dot_product_attention`, the reference to check the fast path against.
+    Two implementations compute the same function. `fast=True` runs `chunked_causal_attention`, which
+    never stores the (b h, t, t) scores, because the fused CPU kernel of `scaled_dot_product_attention`
+    is tuned for head dims of 64 and more and is slow at head_dim 2. `fast=False` calls
+    `scaled_dot_product_attention`, the reference to check the fast path against.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -41,8 +42,13 @@ class CausalSelfAttention(nn.Module):
         mask = torch.zeros(causal.shape, dtype=torch.float64).masked_fill(~causal, float("-inf"))
         self.register_buffer("mask", mask, persistent=False)  # (t, t), 0 or -inf
         self.fast = True
+        # (dtype, device) -> cos, sin and mask cast from the float64 buffers, so the fast path does
+        # not cast them on every call.
+        self._fast_tables: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, ...]] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast:
+            return self.proj(self._chunked_attention(x))
         b, t, _ = x.shape
         qkv = rearrange(self.qkv(x), "b t (three h e) -> three b h t e", three=3, h=self.n_heads)
         cos = self.cos[:t].to(x.dtype)
@@ -52,18 +58,33 @@ class CausalSelfAttention(nn.Module):
             rotated = torch.cat([rotated, qkv[self.n_rotated :]], dim=0)
         q, k, v = rotated.unbind(0)  # each (b, h, t, e)
 
-        if self.fast:
-            q, k, v = (rearrange(y, "b h t e -> (b h) t e") for y in (q, k, v))
-            mask = self.mask[:t, :t].to(x.dtype)
-            scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=1.0 / math.sqrt(self.head_dim))
-            y = torch.bmm(scores.softmax(dim=-1), v)  # ((b h), t, e)
-            y = rearrange(y, "(b h) t e -> b t (h e)", b=b)
-        else:
-            # dropout_p is pinned to 0: the fused call applies it whatever the module's mode, and
-            # this architecture has no attention-probability dropout.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.0)
-            y = rearrange(y, "b h t e -> b t (h e)")
+        # dropout_p is pinned to 0: the fused call applies it whatever the module's mode, and
+        # this architecture has no attention-probability dropout.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.0)
+        y = rearrange(y, "b h t e -> b t (h e)")
         return self.proj(y)
+
+    def _chunked_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the attention output (b, t, d) before the output projection, on the fast path."""
+        b, t, _ = x.shape
+        # One copy into the channel-first layout that chunked_causal_attention multiplies fastest.
+        qkv_t = rearrange(self.qkv(x), "b t (three h e) -> three (b h) e t", three=3, h=self.n_heads)
+        cos, sin, mask = self._tables(x.dtype, x.device)
+        # apply_rotary rotates along the last axis, so it sees the (t, e) transpose of each head.
+        rotated = apply_rotary(qkv_t[: self.n_rotated].transpose(-1, -2), cos[:t], sin[:t])
+        q_t, k_t = rotated.transpose(-1, -2)[:2]  # each ((b h), e, t)
+        v_t = rotated.transpose(-1, -2)[2] if self.n_rotated == 3 else qkv_t[2]
+        y_t = chunked_causal_attention(q_t, k_t, v_t, mask[:t, :t], 1.0 / math.sqrt(self.head_dim))
+        return rearrange(y_t, "(b h) e t -> b t (h e)", b=b)
+
+    def _tables(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Return cos, sin (context, e) and the mask (context, context) in dtype, cast once per dtype."""
+        key = (dtype, device)
+        if key not in self._fast_tables:
+            self._fast_tables[key] = tuple(
+                buffer.to(device=device, dtype=dtype) for buffer in (self.cos, self.sin, self.mask)
+            )
+        return self._fast_tables[key]
 
 
 class FeedForward(nn.Module):
