@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sizes", default="4,8,16", help="comma-separated widths (d_model), each an integer multiple of the one before")
     parser.add_argument("--steps", default="1000,1000,2000", help="comma-separated optimizer steps at each width")
     parser.add_argument("--modes", default="mirror", help="comma-separated growth modes, one progressive arm each: mirror, tile")
-    parser.add_argument("--noise", type=float, default=None, help="mirror noise, relative to each weight's RMS (default: the growth module's)")
+    parser.add_argument("--noise", type=float, default=None, help="mirror noise: standard deviation relative to the RMS of each tiled block W/k (default: the growth module's)")
     parser.add_argument("--optimizer", choices=("grow", "reset"), default="grow", help="AdamW state at growth: carried over and rescaled (grow) or fresh (reset)")
     parser.add_argument("--width-aware", action=argparse.BooleanOptionalAction, default=True, help="scale learning rate, weight decay, eps and clipping per parameter with the growth factor")
     parser.add_argument("--rewarmup-steps", type=int, default=0, help="after each growth, ramp the learning rate up again over this many steps (0: continue the schedule)")
