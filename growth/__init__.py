@@ -3,7 +3,7 @@
 from growth.benchmark import benchmark_growth
 from growth.checkpoint import grow_checkpoint
 from growth.expand import DEFAULT_NOISE, MODES, expand, expand_parameter, is_tiled_matrix, repeat_parameter
-from growth.plot import plot_growth_history
+from growth.history_plot import plot_growth_history
 
 __all__ = [
     "DEFAULT_NOISE",

@@ -19,11 +19,9 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# Submodules, not the package namespace: an editable install made before growth/__init__.py existed
-# maps `growth` to a namespace package, whose submodules still import.
 from growth.checkpoint import DEFAULT_BATCH_SIZE, DEFAULT_EVAL_BATCHES, grow_checkpoint
 from growth.expand import DEFAULT_NOISE, MODES
-from growth.plot import plot_growth_history
+from growth.history_plot import plot_growth_history
 from models.device import DEVICE_CHOICES
 
 FIGURES_DIR = Path("figures")

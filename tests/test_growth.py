@@ -10,7 +10,7 @@ from einops import rearrange
 
 from growth.checkpoint import grow_checkpoint
 from growth.expand import DEFAULT_NOISE, expand, expand_parameter, is_tiled_matrix, repeat_parameter
-from growth.plot import plot_growth_history
+from growth.history_plot import plot_growth_history
 from models.checkpoint import CheckpointMeta, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from models.config import ModelConfig
 from models.data import ByteDataset, load_corpus
