@@ -17,8 +17,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import multiprocessing
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable
 
@@ -97,18 +99,46 @@ class ExperimentRunner:
     def is_done(self, arm: Arm, seed: int) -> bool:
         return (self.arm_dir(arm, seed) / RESULT_FILE).is_file()
 
-    def run(self, on_step: Callable[[str, int], None] | None = None) -> list[dict]:
-        """Run every unfinished (arm, seed) and return all results, finished earlier or now."""
+    def pending(self) -> list[tuple[Arm, int]]:
+        """(arm, seed) pairs without a finished result, in the order they will run."""
+        return [(arm, seed) for seed in self.config.seeds for arm in self.config.arms if not self.is_done(arm, seed)]
+
+    def run(
+        self,
+        on_step: Callable[[str, int], None] | None = None,
+        workers: int = 1,
+        on_arm_done: Callable[[Arm, int], None] | None = None,
+    ) -> list[dict]:
+        """Run every unfinished (arm, seed) and return all results, finished earlier or now.
+
+        With `workers > 1` the pairs run in that many processes of one torch thread each. Models this
+        small keep one core busy with a single thread, while several intra-op threads mostly wait on
+        each other, so separate processes scale better. `on_step` is then not called.
+        """
         self.prepare()
-        results = []
-        for seed in self.config.seeds:
-            for arm in self.config.arms:
-                if self.is_done(arm, seed):
-                    logger.info("skipping %s seed %d: already finished", arm.name, seed)
-                else:
-                    self.run_arm(arm, seed, on_step)
-                results.append(json.loads((self.arm_dir(arm, seed) / RESULT_FILE).read_text()))
-        return results
+        for arm, seed in self.pending():
+            logger.info("queued %s seed %d", arm.name, seed)
+        if workers <= 1:
+            for arm, seed in self.pending():
+                self.run_arm(arm, seed, on_step)
+                if on_arm_done is not None:
+                    on_arm_done(arm, seed)
+        else:
+            context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                futures = {
+                    pool.submit(_run_arm_in_worker, self.config.to_dict(), str(self.run_dir), str(self.device), self.fast, arm.name, seed): (arm, seed)
+                    for arm, seed in self.pending()
+                }
+                for future in as_completed(futures):
+                    future.result()  # re-raise a worker's error here
+                    if on_arm_done is not None:
+                        on_arm_done(*futures[future])
+        return [
+            json.loads((self.arm_dir(arm, seed) / RESULT_FILE).read_text())
+            for seed in self.config.seeds
+            for arm in self.config.arms
+        ]
 
     def new_trainer(self, arm: Arm, seed: int) -> Trainer:
         train_config = dataclasses.replace(self.config.train, steps=arm.total_steps, seed=seed)
@@ -181,3 +211,10 @@ class ExperimentRunner:
         }
         (directory / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
         return result
+
+
+def _run_arm_in_worker(config: dict, run_dir: str, device: str, fast: bool, arm_name: str, seed: int) -> None:
+    torch.set_num_threads(1)
+    runner = ExperimentRunner(ExperimentConfig.from_dict(config), run_dir, device=device, fast=fast)
+    arm = next(arm for arm in runner.config.arms if arm.name == arm_name)
+    runner.run_arm(arm, seed)

@@ -62,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--name", help="run name (default: the preset's name, or one built from the sizes)")
     parser.add_argument("--runs-dir", default="runs", help="parent directory of run directories")
     parser.add_argument("--figures-dir", help="also copy the figures here (the readme preset defaults to figures/<name>)")
+    parser.add_argument("--workers", type=int, default=1, help="train this many (arm, seed) pairs at once, each in its own process with one thread")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="where to train")
     parser.add_argument("--no-fast", action="store_true", help="use the reference attention and loss instead of the fast path")
     return parser.parse_args(argv)
@@ -110,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    todo = [(arm, seed) for seed in config.seeds for arm in config.arms if not runner.is_done(arm, seed)]
+    if args.workers < 1:
+        print(f"error: --workers must be at least 1, got {args.workers}", file=sys.stderr)
+        return 2
+    todo = runner.pending()
     total_steps = sum(arm.total_steps for arm, _ in todo)
     print(f"run directory: {runner.run_dir} ({len(todo)} of {len(config.arms) * len(config.seeds)} arm-seeds to train)")
     started = time.perf_counter()
@@ -119,7 +123,12 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_description(f"{arm_name} seed {seed}", refresh=False)
             bar.update(1)
 
-        runner.run(on_step=on_step)
+        def on_arm_done(arm, seed: int) -> None:
+            if args.workers > 1:  # workers report whole arms, not steps
+                bar.set_description(f"finished {arm.name} seed {seed}", refresh=False)
+                bar.update(arm.total_steps)
+
+        runner.run(on_step=on_step, workers=args.workers, on_arm_done=on_arm_done)
     wall = time.perf_counter() - started
 
     summary = write_summary(runner.run_dir)
@@ -132,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in summary["arms"]:
         if row["compute_ratio_note"]:
             print(f"{row['arm']}: {row['compute_ratio_note']}")
-    print(f"wall time: {wall:.0f} s on {device} with {torch.get_num_threads()} threads")
+    threads = f"{args.workers} worker processes of 1 thread" if args.workers > 1 else f"{torch.get_num_threads()} threads"
+    print(f"wall time: {wall:.0f} s on {device} with {threads}")
     print("figures: " + ", ".join(str(p) for p in paths))
     return 0
 
