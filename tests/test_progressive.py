@@ -105,16 +105,18 @@ def test_summary_lists_every_arm(smoke_run):
 
 def test_rerun_skips_finished_arms(smoke_run):
     result = smoke_run / "scratch-8" / "seed1" / "result.json"
-    unfinished = smoke_run / "tile-4-8-16" / "seed1" / "result.json"
+    unfinished = [smoke_run / "tile-4-8-16" / "seed1" / "result.json", smoke_run / "scratch-16" / "seed0" / "result.json"]
     finished_before = result.stat().st_mtime_ns
-    unfinished.unlink()  # as if the run had been interrupted during this arm
+    for path in unfinished:
+        path.unlink()  # as if the run had been interrupted during these arms
 
-    completed = run_progressive(*SMOKE, "--name", "smoke", "--runs-dir", str(smoke_run.parent))
+    completed = run_progressive(*SMOKE, "--name", "smoke", "--runs-dir", str(smoke_run.parent), "--workers", "2")
 
     assert completed.returncode == 0, completed.stderr
-    assert "1 of 8 arm-seeds to train" in completed.stdout
+    assert "2 of 8 arm-seeds to train" in completed.stdout
     assert result.stat().st_mtime_ns == finished_before
-    assert unfinished.is_file()
+    for path in unfinished:
+        assert path.is_file()
 
 
 def test_plot_script_compares_runs(smoke_run, tmp_path):
