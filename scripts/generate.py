@@ -20,17 +20,14 @@ from models.generate import check_sampling_arguments, generate
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Sample bytes from a TinyTransformer checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = argparse.ArgumentParser(description="Sample bytes from a TinyTransformer checkpoint.")
     parser.add_argument("checkpoint", help="path of a .safetensors checkpoint written by scripts/train.py")
-    parser.add_argument("--prompt", default="", help="text to continue; an empty prompt starts from a newline byte")
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="bytes to generate")
-    parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 takes the most likely byte (greedy)")
+    parser.add_argument("--prompt", default="", help="text to continue (default: empty, which starts from a newline byte)")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="bytes to generate (default: 200)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature, where 0 takes the most likely byte (greedy) (default: 0.8)")
     parser.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely bytes, 1 to 256 (default: all)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
-    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="where to run the model")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default: 0)")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="device to run the model on (default: auto, which picks mps, then cuda, then cpu)")
     return parser.parse_args(argv)
 
 

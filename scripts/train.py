@@ -58,10 +58,7 @@ class UsageError(Exception):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Train a byte-level TinyTransformer and save a safetensors checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = argparse.ArgumentParser(description="Train a byte-level TinyTransformer and save a safetensors checkpoint.")
     training = parser.add_argument_group("training (from models.train.TrainConfig)")
     for name, help_text in TRAINING_FLAGS.items():
         default = getattr(DEFAULTS, name)
@@ -88,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--out", type=Path, default=None, help="checkpoint path (default: checkpoints/tiny-d{d_model}.safetensors, or the --resume path)")
     run.add_argument("--force", action="store_true", help="overwrite an existing --out checkpoint")
     run.add_argument("--resume", type=Path, default=None, help="continue the run saved in this checkpoint and its .train.safetensors state")
-    run.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="where to train; auto picks mps, then cuda, then cpu")
+    run.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="device to train on (default: auto, which picks mps, then cuda, then cpu)")
     run.add_argument("--no-fast", action="store_true", help="use the reference attention and loss (slower, for checking)")
     run.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     return parser.parse_args(argv)
@@ -149,9 +146,9 @@ def prepare_new_run(args: argparse.Namespace, device: torch.device) -> tuple[Tra
 
 
 def prepare_resumed_run(args: argparse.Namespace, device: torch.device) -> tuple[Trainer, Path]:
-    given = [name for name in (*TRAINING_FLAGS, *MODEL_FLAGS) if getattr(args, name) is not None]
-    if given:
-        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+    conflicting = [name for name in (*TRAINING_FLAGS, *MODEL_FLAGS) if getattr(args, name) is not None]
+    if conflicting:
+        flags = ", ".join("--" + name.replace("_", "-") for name in conflicting)
         raise UsageError(f"{flags} cannot be combined with --resume: a resumed run keeps the settings it was started with")
 
     meta = read_checkpoint_meta(args.resume)
