@@ -18,7 +18,7 @@ from torch.autograd.function import once_differentiable
 
 # Target size of one (chunk, t, t) score tensor. Forward and backward keep two or three of them live,
 # so this keeps the working set within a 1 MiB per-core L2 cache, the smallest on current x86 cores.
-SCORE_CHUNK_BYTES = 256 * 1024
+SCORE_CHUNK_BYTES = 1024 * 1024
 
 
 def attention_chunk_rows(t: int, element_size: int) -> int:

@@ -70,7 +70,7 @@ class CausalSelfAttention(nn.Module):
         # One copy into the channel-first layout that chunked_causal_attention multiplies fastest.
         qkv_t = rearrange(self.qkv(x), "b t (three h e) -> three (b h) e t", three=3, h=self.n_heads)
         cos, sin, mask = self._tables(x.dtype, x.device)
-        # apply_rotary rotates along the last axis, so it sees the (t, e) transpose of each head.
+        # apply_rotary rotates along the last axis, so it gets the (t, e) transpose of each head.
         rotated = apply_rotary(qkv_t[: self.n_rotated].transpose(-1, -2), cos[:t], sin[:t])
         q_t, k_t = rotated.transpose(-1, -2)[:2]  # each ((b h), e, t)
         v_t = rotated.transpose(-1, -2)[2] if self.n_rotated == 3 else qkv_t[2]

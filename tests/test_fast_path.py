@@ -170,3 +170,17 @@ def test_adamw_curves_match(d_model):
         curves[fast] = curve
 
     assert curves[True] == pytest.approx(curves[False], abs=1e-5)
+
+
+def test_loss_underflowed_target_probability():
+    # The target logit is 300 below the others, so its float32 softmax probability rounds to 0.
+    x = torch.tensor([[1.0], [1.0]])
+    weight = torch.tensor([[-150.0], [150.0], [0.0]])
+    bias = torch.zeros(3)
+    targets = torch.tensor([0, 1])
+
+    loss = linear_cross_entropy(x, weight, bias, targets, chunk_rows=1)
+
+    expected = F.cross_entropy(F.linear(x, weight, bias), targets)
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, expected)
