@@ -34,7 +34,7 @@ def meta(model) -> CheckpointMeta:
         config=model.config,
         step=123,
         tokens=456_789,
-        flops=10**15 + 7,  # larger than float64 can hold exactly at unit precision
+        flops=10**17 + 7,  # above 2**53, so a float64 round trip would lose the 7
         corpus={"source": "corpus.txt", "bytes": 1000, "sha256": "ab" * 32},
         growth_history=[{"from_d_model": 2, "to_d_model": 4, "step": 50}],
         training={"learning_rate": 0.01},
@@ -64,7 +64,7 @@ def test_round_trip_meta(saved, meta):
 
 
 def test_round_trip_flops_exact(saved, meta):
-    assert read_checkpoint_meta(saved).flops == 10**15 + 7
+    assert read_checkpoint_meta(saved).flops == 10**17 + 7
 
 
 def test_round_trip_logits(saved, model):

@@ -20,7 +20,7 @@ from models.model import TinyTransformer
 
 CONTEXT = 8
 MINIMUM = minimum_corpus_bytes(CONTEXT)  # 90: one 9-byte window in the 10% validation split
-INVALID_UTF8 = bytes([0xFF, 0xFE, 0xC3, 0x28, 0x80]) * 40  # 200 bytes, none of them valid UTF-8 starts
+INVALID_UTF8 = bytes([0xFF, 0xFE, 0xC3, 0x28, 0x80]) * 40  # 200 bytes that do not decode as UTF-8
 
 
 def test_minimum_corpus_bytes():

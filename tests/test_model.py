@@ -29,15 +29,17 @@ def test_parameter_count_seed():
     assert make_model().num_parameters() == 2648
 
 
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
 def test_parameter_count_breakdown():
     model = make_model()
-    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-
-    assert count(model.token_embedding) == 256 * 4
+    assert parameter_count(model.token_embedding) == 256 * 4
     for block in model.blocks:
         # LayerNorms 2 * (4 + 4), qkv 4 * 12 + 12, proj 4 * 4 + 4, ffn up 4 * 8 + 8, down 8 * 4 + 4.
-        assert count(block) == 172
-    assert count(model.lm_head) == 4 * 256 + 256
+        assert parameter_count(block) == 172
+    assert parameter_count(model.lm_head) == 4 * 256 + 256
     assert len(model.blocks) == 2
 
 

@@ -96,7 +96,8 @@ def test_train_script_sigterm_then_resume(tmp_path):
     metrics = out.with_name("interrupted.metrics.jsonl")
     deadline = time.monotonic() + 90
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):  # step 0 and step 5
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no metrics record after step 5 within 90 s"
         time.sleep(0.02)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=60)
@@ -131,7 +132,7 @@ def test_train_refuses_existing_out(train_script, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing.safetensors"]
 
 
-def test_train_force_overwrites(train_script, trained_checkpoint, tmp_path):
+def test_train_force_overwrites(train_script, tmp_path):
     out = tmp_path / "forced.safetensors"
     out.write_bytes(b"old")
     out.with_name("forced.metrics.jsonl").write_text('{"step": 999}\n')

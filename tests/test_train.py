@@ -155,7 +155,7 @@ def test_save_records_training_config(trained_checkpoint):
 
 
 def test_flops_seed_formula():
-    # matmul weights: 2 layers * (3*16 + 16 + 2*32) + 4*256 = 1280; attention 2 layers * 4*t*d.
+    # Matmul weights are 2 layers * (3*16 + 16 + 2*32) + 4*256 = 1280, and attention adds 4*t*d per layer.
     assert matmul_parameters(ModelConfig()) == 1280
     assert training_flops_per_token(ModelConfig()) == 6 * 1280 + 3 * 2 * (4 * 64 * 4)
 
