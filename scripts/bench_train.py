@@ -10,9 +10,9 @@ so that load from other processes hits all of them alike, and prints medians:
 - reference: TinyTransformer with set_fast(False) (scaled_dot_product_attention, F.cross_entropy),
 - baseline: the nanoGPT-style model below, outside the toolkit, with the same widths and heads.
 
-The roofline column is the lower bound on step time from the counted FLOPs at the measured matmul
-rate or from the minimum bytes at the measured copy bandwidth (whichever is larger), divided by the
-measured step time of the fast path.
+The roofline column divides a lower bound on step time by the measured step time of the fast path.
+The bound is the larger of the counted FLOPs at the measured matmul rate and the minimum bytes at
+the measured copy bandwidth.
 """
 
 from __future__ import annotations
@@ -159,11 +159,11 @@ def flops_per_token(config: ModelConfig) -> float:
 def min_bytes_per_token(config: ModelConfig, batch: int) -> float:
     """Estimate the least memory traffic per token of one training step, in bytes.
 
-    Counted: the token ids and targets (int64), the matmul inputs that backward needs (layer-norm
-    output, q, k, v, attention output, feed-forward input and hidden activations: 6 d + d_ff floats
-    per layer), each written once and read once, and AdamW reading parameter, gradient and both moment
-    buffers and writing parameter and moments (7 floats per parameter), spread over the step's tokens.
-    Everything else is assumed to stay in cache, so real steps move more.
+    Counted are the token ids and targets (int64) and the matmul inputs that backward needs, each
+    written once and read once. Those are the layer-norm output, q, k, v, attention output and the
+    feed-forward input and hidden activations, 6 d + d_ff floats per layer. AdamW adds 7 floats per
+    parameter (read parameter, gradient and both moments, write parameter and moments), spread over
+    the step's tokens. Everything else is assumed to stay in cache, so real steps move more.
     """
     d, d_ff = config.d_model, config.d_ff
     saved_activations = config.n_layers * (6 * d + d_ff) * BYTES_PER_FLOAT * 2
