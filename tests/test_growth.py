@@ -22,7 +22,7 @@ TRAIN_STEPS = 30
 TRAIN_BATCH_SIZE = 16
 LENGTHS = (1, 17, 64, 100)  # 100 is longer than the context window of 64
 FACTORS = (2, 3, 4, 8)
-TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}  # max |logit difference|
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}  # max |logit difference| / max(1, max |logit|)
 
 
 def train_seed_model(steps: int = TRAIN_STEPS) -> tuple[TinyTransformer, dict]:
@@ -82,9 +82,15 @@ def random_model() -> TinyTransformer:
 
 
 def max_logit_difference(source: TinyTransformer, grown: TinyTransformer, length: int) -> float:
+    """Return the max |logit difference|, relative to the largest logit once that exceeds 1.
+
+    Float32 rounding grows with the logits, which reach about 30 in the shipped trained checkpoint.
+    """
     inputs = torch.randint(0, 256, (2, length), generator=torch.Generator().manual_seed(length))
     with torch.no_grad():
-        return float((source(inputs) - grown(inputs)).abs().max())
+        source_logits = source(inputs)
+        difference = (source_logits - grown(inputs)).abs().max()
+        return float(difference / source_logits.abs().max().clamp(min=1.0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
