@@ -4,8 +4,8 @@ After a k-fold tiling the grown model computes the same function, and its gradie
 source's simply (checked in float64 by the tests):
 
 - every grown parameter's gradient is its source gradient divided by k, because each copy of the
-  hidden state feeds 1/k of every sum downstream; the output projection's weight and bias are the
-  exception, since their output (the logits) is not repeated, so their gradients are unchanged;
+  hidden state feeds 1/k of every sum downstream. The output projection's weight and bias are the
+  exception: their output, the logits, is not repeated, so their gradients are unchanged;
 - Adam's update is unchanged by a gradient scale s when its first moment is scaled by s, its second
   moment by s^2 and its epsilon by s;
 - a weight tiled into blocks of W/k moves the function as much as its source when its learning rate

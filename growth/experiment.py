@@ -12,11 +12,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from growth.dynamics import OPTIMIZER_MODES
+from growth.expand import MODES as GROWTH_MODES
 from models.config import ModelConfig
 from models.train import TrainConfig
-
-GROWTH_MODES = ("mirror", "tile")
-OPTIMIZER_MODES = ("reset", "grow")
 
 
 class ScheduleError(ValueError):
@@ -58,14 +57,6 @@ class Arm:
     @property
     def final_width(self) -> int:
         return self.sizes[-1]
-
-    def growth_steps(self) -> list[int]:
-        """Steps (counted from the start of the arm) at which the model grows."""
-        boundaries, total = [], 0
-        for count in self.steps[:-1]:
-            total += count
-            boundaries.append(total)
-        return boundaries
 
     def validate(self) -> None:
         if not self.name or "/" in self.name:

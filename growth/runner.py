@@ -80,14 +80,14 @@ class ExperimentRunner:
         return model, meta
 
     def prepare(self) -> None:
-        """Create the run directory, or check that an existing one holds the same experiment."""
+        """Create the run directory, or check that an existing one contains the same experiment."""
         config_path = self.run_dir / "config.json"
         resolved = self.config.to_dict()
         if config_path.exists():
             stored = json.loads(config_path.read_text())
             if stored != json.loads(json.dumps(resolved)):
                 raise ScheduleError(
-                    f"{self.run_dir} holds a different experiment; choose another --name or delete it"
+                    f"{self.run_dir} contains a different experiment; choose another --name or delete the directory"
                 )
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)

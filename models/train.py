@@ -1,8 +1,8 @@
 """The training loop: AdamW steps on random windows, periodic evaluation, metrics and resumable state.
 
-Same seed, same data and the CPU give the same loss curve bit for bit: the batch sampler has its own
-seeded generator, dropout draws from the global torch generator seeded at the start, and both
-generators' states are saved with the optimizer so a resumed run continues exactly where it stopped.
+Same seed, same data and the CPU give the same loss curve bit for bit. The batch sampler has its own
+seeded generator and dropout draws from the global torch generator, seeded at the start. Both
+generators' states are saved with the optimizer, so a resumed run continues exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class TrainConfig:
 class Trainer:
     """Owns a model, its AdamW state, the schedule, the RNG states and the metrics of one run.
 
-    `meta` counts steps, tokens and FLOPs cumulatively across every stage the model has been through;
+    `meta` counts steps, tokens and FLOPs cumulatively across every stage the model has been through.
     `step` counts this run's optimizer steps and indexes the learning-rate schedule.
     """
 
@@ -180,7 +180,7 @@ class Trainer:
         """Train until `until_step` (default: the configured steps); return False if stopped early.
 
         A metrics record (see `record`) is appended as one JSON line to `metrics_path` every
-        `eval_interval` steps and at the last step; a fresh model is also evaluated before step 0.
+        `eval_interval` steps and at the last step. A fresh model is also evaluated before step 0.
         """
         until_step = self.config.steps if until_step is None else until_step
         if self.step == 0 and self.meta.step == 0:

@@ -154,7 +154,7 @@ def test_different_experiment_in_same_directory_is_rejected(smoke_run):
     completed = run_progressive(*args, "--name", "smoke", "--runs-dir", str(smoke_run.parent))
 
     assert completed.returncode == 2
-    assert "different experiment" in completed.stderr
+    assert "contains a different experiment" in completed.stderr
 
 
 def test_arms_must_share_total_steps():
