@@ -182,6 +182,7 @@ def preset(name: str) -> ExperimentConfig:
         # where the literature finds growth can pay off; 16 -> 32 -> 64 fits in minutes on 2 cores.
         steps = [240, 240, 480]
         arms = schedule_arms([16, 32, 64], steps, ["mirror", "tile"], baselines=False)
+        arms.append(Arm("mirror-16-32-64-reset", [16, 32, 64], steps, optimizer="reset", width_aware=False, rewarmup_steps=50))
         arms.append(Arm("scratch-64", [64], [sum(steps)]))
         return ExperimentConfig(
             name="compute-limited",
