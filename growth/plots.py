@@ -9,6 +9,7 @@ Every curve is the mean over seeds with a min-max band.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -42,6 +43,10 @@ def _collect(run_dirs: list[Path]) -> tuple[dict[str, ArmCurves], str]:
     return combined, "; ".join(titles)
 
 
+def _title(ax, text: str) -> None:
+    ax.set_title(textwrap.fill(text, 100), fontsize=9)
+
+
 def _style(name: str, index: int) -> dict:
     color = f"C{index % 10}"
     return {"color": color, "linestyle": "--" if "scratch" in name else "-"}
@@ -52,6 +57,9 @@ def plot_loss(arms: dict[str, ArmCurves], title: str, x_key: str, path: Path) ->
     for index, (name, curves) in enumerate(arms.items()):
         style = _style(name, index)
         x, mean, low, high = _band(curves, x_key, "val_loss")
+        if x_key == "flops":  # a log axis cannot show the fresh model's evaluation at 0 FLOPs
+            keep = [i for i, value in enumerate(x) if value > 0]
+            x, mean, low, high = ([series[i] for i in keep] for series in (x, mean, low, high))
         ax.plot(x, mean, label=f"{name} ({len(curves.evals)} seeds)", **style)
         ax.fill_between(x, low, high, color=style["color"], alpha=0.2, linewidth=0)
         events = [events for events in curves.growths.values()]
@@ -68,7 +76,7 @@ def plot_loss(arms: dict[str, ArmCurves], title: str, x_key: str, path: Path) ->
     else:
         ax.set_xlabel("training tokens (bytes)")
     ax.set_ylabel("validation loss (nats per byte)")
-    ax.set_title(f"Validation loss: {title}\n(o: before growth, x: after growth; band: min-max over seeds)", fontsize=9)
+    _title(ax, f"Validation loss, {title}. Markers: o before growth, x after growth; bands: min-max over seeds.")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _zoom_y(ax, arms)
@@ -101,10 +109,10 @@ def plot_jumps(arms: dict[str, ArmCurves], title: str, path: Path) -> None:
             labels.append(f"{name}\n{event['from']}→{event['to']}")
             position += 1
     ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(labels)), labels, fontsize=7)
+    ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30, ha="right")
     ax.set_ylabel("loss after − loss before (nats per byte)")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-    ax.set_title(f"Validation-loss change at each expansion: {title}\n(bar: seed mean, dots: seeds)", fontsize=9)
+    _title(ax, f"Validation-loss change at each expansion, {title}. Bars: seed mean; dots: seeds.")
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -117,16 +125,20 @@ def plot_drift(arms: dict[str, ArmCurves], title: str, path: Path) -> None:
         if not any(curves.growths.values()):
             continue
         x, mean, low, high = _band(curves, "tokens", "copy_drift")
-        points = [(t, m, lo, hi) for t, m, lo, hi in zip(x, mean, low, high) if m > 0]
-        if not points:
-            points = [(t, 1e-12, 1e-12, 1e-12) for t in x[-1:]]
-        t, m, lo, hi = zip(*points)
-        ax.plot(t, m, label=name, color=f"C{index % 10}", marker=".")
-        ax.fill_between(t, lo, hi, color=f"C{index % 10}", alpha=0.2, linewidth=0)
+        growth_tokens = [event["tokens"] for event in next(iter(curves.growths.values()))]
+        # One segment per stage: each growth makes new copies, whose spread starts again from 0.
+        for stage, start in enumerate(growth_tokens):
+            end = growth_tokens[stage + 1] if stage + 1 < len(growth_tokens) else float("inf")
+            points = [(t, m, lo, hi) for t, m, lo, hi in zip(x, mean, low, high) if start < t <= end and m > 0]
+            if not points:
+                continue
+            t, m, lo, hi = zip(*points)
+            ax.plot(t, m, label=name if stage == 0 else None, color=f"C{index % 10}", marker=".")
+            ax.fill_between(t, lo, hi, color=f"C{index % 10}", alpha=0.2, linewidth=0)
     ax.set_yscale("log")
     ax.set_xlabel("training tokens (bytes)")
     ax.set_ylabel("copy spread: RMS(copy − mean) / RMS(mean)")
-    ax.set_title(f"How far the copies made by the latest growth drift apart (token embedding): {title}", fontsize=9)
+    _title(ax, f"Spread between the copies made by the latest growth (token embedding columns), {title}. Bands: min-max over seeds.")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
