@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from growth.benchmark import benchmark_growth
+from models.checkpoint import load_checkpoint
 from models.config import ModelConfig
 from models.device import DEVICE_CHOICES, resolve_device
 from models.model import TinyTransformer
@@ -218,6 +220,10 @@ def print_machine(device: torch.device) -> dict[str, float]:
     return rates
 
 
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-d4.safetensors"
+GROWTH_TARGET = 1024
+
+
 def print_training(args: argparse.Namespace, device: torch.device, rates: dict[str, float]) -> None:
     """Print the throughput table: one row per (width, batch), medians of args.steps rounds."""
     print(f"\ntraining step, float32, context {CONTEXT}, medians of {args.steps} interleaved rounds")
@@ -245,7 +251,18 @@ def print_training(args: argparse.Namespace, device: torch.device, rates: dict[s
                   f"{bound / seconds['fast']:>8.1%}")
 
 
-# Printed in order. Each section is a function of (args, device, machine rates).
+def print_growth() -> None:
+    """Print the time and added peak memory of growing the shipped checkpoint to d_model 1024."""
+    source = SHIPPED_CHECKPOINT if SHIPPED_CHECKPOINT.is_file() else None
+    model = load_checkpoint(source)[0] if source else TinyTransformer(ModelConfig())
+    result = benchmark_growth(model, GROWTH_TARGET, mode="mirror", repeats=3)
+    print(f"growth, mirror, {source or 'seed model at random init'} -> d_model {GROWTH_TARGET} on cpu: "
+          f"{result['seconds_min'] * 1e3:.0f} ms (fastest of 3), "
+          f"{result['grown_parameters']:,} parameters ({result['grown_bytes'] / 2**20:.1f} MiB), "
+          f"peak RSS +{result['peak_rss_increase_bytes'] / 2**20:.1f} MiB")
+
+
+# Printed in order after the machine rates. Each section is a function of (args, device, machine rates).
 SECTIONS: list[Callable[[argparse.Namespace, torch.device, dict[str, float]], None]] = [print_training]
 
 
@@ -285,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
+    print_growth()  # first, while the peak RSS is low enough to show what growing adds
     rates = print_machine(device)
     for section in SECTIONS:
         section(args, device, rates)
