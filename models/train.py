@@ -253,16 +253,16 @@ class Trainer:
 
 @contextmanager
 def stop_requested_by_signal() -> Iterator[Callable[[], int | None]]:
-    """Catch SIGINT and SIGTERM while training; yield a function returning the signal caught, if any.
+    """Catch SIGINT and SIGTERM; yield a function returning the signal caught, if any.
 
     The training loop polls it between steps, so an interrupted run ends on a whole step and can save
-    a checkpoint before the process exits.
+    a checkpoint before the process exits. scripts/train.py also polls it once before the first step.
     """
     caught: list[int] = []
 
     def handler(signum, frame):
         caught.append(signum)
-        logger.warning("received %s; stopping after the current step", signal.Signals(signum).name)
+        logger.warning("received %s; stopping before the next training step", signal.Signals(signum).name)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

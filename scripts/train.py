@@ -7,6 +7,7 @@
 Metrics are appended as JSON lines to NAME.metrics.jsonl beside the checkpoint NAME.safetensors, and
 the optimizer and RNG state for --resume is written to NAME.train.safetensors. SIGINT or SIGTERM
 stops training after the current step, saves both files and exits with status 128 + signal number.
+A signal that arrives before the first step exits with the same status and writes nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -140,8 +142,6 @@ def prepare_new_run(args: argparse.Namespace, device: torch.device) -> tuple[Tra
     meta = CheckpointMeta(config=config, corpus=corpus.fingerprint())
     trainer = Trainer(model, dataset, train_config, meta)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path_for(out).unlink(missing_ok=True)  # a forced overwrite starts a fresh metrics file
     return trainer, out
 
 
@@ -163,15 +163,23 @@ def prepare_resumed_run(args: argparse.Namespace, device: torch.device) -> tuple
     check_corpus_matches(corpus, meta.corpus, args.resume)
     dataset = ByteDataset(corpus, meta.config.context_length)
     trainer = Trainer.resume(args.resume, dataset, device=device, fast=not args.no_fast)
-
-    if out != args.resume:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        source_metrics = metrics_path_for(args.resume)
-        if source_metrics.is_file():
-            shutil.copyfile(source_metrics, metrics_path_for(out))  # keep the whole curve in one file
-        else:
-            metrics_path_for(out).unlink(missing_ok=True)
     return trainer, out
+
+
+def start_metrics_file(out: Path, resumed_from: Path | None) -> None:
+    """Create the directory of `out` and start its metrics file.
+
+    A run resumed into another file continues with a copy of the resumed run's metrics, so the whole
+    curve stays in one file. A new run starts a fresh file, which also clears it on a forced overwrite.
+    """
+    if resumed_from is not None and out == resumed_from:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    source = metrics_path_for(resumed_from) if resumed_from is not None else None
+    if source is not None and source.is_file():
+        shutil.copyfile(source, metrics_path_for(out))
+    else:
+        metrics_path_for(out).unlink(missing_ok=True)
 
 
 def resume_command(out: Path, data: Path | None) -> str:
@@ -179,8 +187,11 @@ def resume_command(out: Path, data: Path | None) -> str:
     return command if data is None else f"{command} --data {data}"
 
 
-def train(trainer: Trainer, out: Path, data: Path | None) -> int:
-    """Run the training loop with a progress bar; return the exit status."""
+def train(trainer: Trainer, out: Path, data: Path | None, caught_signal: Callable[[], int | None]) -> int:
+    """Run the training loop with a progress bar; return the exit status.
+
+    The loop stops early, saving the checkpoint and its state, once `caught_signal` returns a signal.
+    """
     metrics_path = metrics_path_for(out)
     started = time.perf_counter()
     start_step = trainer.step
@@ -194,7 +205,7 @@ def train(trainer: Trainer, out: Path, data: Path | None) -> int:
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_second:,.0f}", refresh=False)
         bar.update(1)
 
-    with logging_redirect_tqdm(), stop_requested_by_signal() as caught_signal:
+    with logging_redirect_tqdm():
         finished = trainer.run(
             metrics_path=metrics_path, on_step=on_step, should_stop=lambda: caught_signal() is not None
         )
@@ -226,23 +237,34 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         torch.set_num_threads(args.threads)
 
-    try:
-        device = resolve_device(args.device)
-        if args.resume is not None:
-            trainer, out = prepare_resumed_run(args, device)
-        else:
-            trainer, out = prepare_new_run(args, device)
-    # CorpusError and CheckpointError are ValueErrors, and so are invalid ModelConfig and TrainConfig values.
-    except (UsageError, ValueError, OSError) as error:
-        print(f"train.py: error: {error}", file=sys.stderr)
-        return 2
+    # The handler is installed before the setup, which takes seconds (corpus hashing, the first import
+    # of torch._dynamo by torch.optim), so that a signal sent then is not lost. It stays installed
+    # until the checkpoint is saved.
+    with stop_requested_by_signal() as caught_signal:
+        logger.info("loading the corpus and building the model")
+        try:
+            device = resolve_device(args.device)
+            if args.resume is not None:
+                trainer, out = prepare_resumed_run(args, device)
+            else:
+                trainer, out = prepare_new_run(args, device)
+        # CorpusError and CheckpointError are ValueErrors, and so are invalid ModelConfig and TrainConfig values.
+        except (UsageError, ValueError, OSError) as error:
+            print(f"train.py: error: {error}", file=sys.stderr)
+            return 2
 
-    logger.info(
-        "training %s (%d parameters) on %s for %d steps on %s; checkpoint %s",
-        trainer.model.config.to_json(), trainer.model.num_parameters(), trainer.dataset.corpus.source,
-        trainer.config.steps, trainer.device, out,
-    )
-    return train(trainer, out, args.data)
+        if caught_signal() is not None:
+            name = signal.Signals(caught_signal()).name
+            print(f"stopped by {name} before training started; nothing was trained or written")
+            return 128 + caught_signal()
+
+        start_metrics_file(out, args.resume)
+        logger.info(
+            "training %s (%d parameters) on %s for %d steps on %s; checkpoint %s",
+            trainer.model.config.to_json(), trainer.model.num_parameters(), trainer.dataset.corpus.source,
+            trainer.config.steps, trainer.device, out,
+        )
+        return train(trainer, out, args.data, caught_signal)
 
 
 if __name__ == "__main__":

@@ -114,6 +114,29 @@ def test_train_script_sigterm_then_resume(tmp_path):
     assert read_metrics(out)[-1]["step"] == 200
 
 
+def test_train_script_sigint_during_setup(tmp_path):
+    out = tmp_path / "early.safetensors"
+    out.write_bytes(b"user data")  # --force may replace it only once training has started
+    command = [sys.executable, str(REPO_ROOT / "scripts" / "train.py"), "--steps", "400", "--eval-interval", "100",
+               "--threads", "1", "--out", str(out), "--force"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=script_environment(), cwd=REPO_ROOT)
+    # main() logs this line right after installing the handler, before the seconds of setup.
+    first_line = process.stderr.readline()
+    assert "loading the corpus" in first_line, first_line
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == 128 + signal.SIGINT, stderr
+    if "before training started" in stdout:
+        assert "nothing was trained or written" in stdout
+        assert out.read_bytes() == b"user data"
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["early.safetensors"]
+    else:  # the signal was handled only after the first step started, so the run was saved
+        assert train_state_path(out).is_file()
+        assert read_checkpoint_meta(out).step < 400
+
+
 def test_train_script_no_traceback_on_bad_corpus(tmp_path):
     process = run_script("train.py", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x.safetensors"))
     assert process.returncode == 2
