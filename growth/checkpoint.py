@@ -16,12 +16,14 @@ from models.config import ModelConfig
 from models.data import DEFAULT_CORPUS, ByteDataset, Corpus, evaluate_loss, load_corpus
 from models.device import resolve_device
 from models.model import TinyTransformer
+from models.train import EVAL_SEED, TrainConfig
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EVAL_BATCHES = 20
-DEFAULT_BATCH_SIZE = 32
-EVAL_SEED = 0  # seed of the validation batches, fixed so that every grown checkpoint is scored alike
+# The validation set that scripts/train.py evaluates on (with EVAL_SEED), so that grow.py reports the
+# same loss for a checkpoint as its training log.
+DEFAULT_EVAL_BATCHES = TrainConfig().eval_batches
+DEFAULT_BATCH_SIZE = TrainConfig().batch_size
 
 
 def check_output_path(src: str | Path, out: str | Path, overwrite: bool = False) -> None:

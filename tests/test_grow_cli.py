@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT, run_script
 
+from growth.checkpoint import grow_checkpoint
 from models.checkpoint import load_checkpoint, read_checkpoint_meta
+from models.data import ByteDataset, load_corpus
+from models.train import Trainer, TrainConfig
 
 SHIPPED_CHECKPOINT = REPO_ROOT / "checkpoints" / "tiny-d4.safetensors"
 FAST_EVAL = ["--eval-batches", "2", "--batch-size", "4"]
@@ -188,3 +191,13 @@ def test_cli_default_plot_path_and_force(source, tmp_path, monkeypatch, capsys):
 )
 def test_default_output_path(name, expected):
     assert grow_script.default_output_path(Path(name), 16) == Path(expected)
+
+
+def test_default_eval_matches_training(source, tmp_path):
+    # grow.py's default validation set must be the one training reports, so both print the same loss.
+    summary = grow_checkpoint(source, tmp_path / "tiny-d8.safetensors", 8, mode="tile")
+
+    model, meta = load_checkpoint(source)
+    dataset = ByteDataset(load_corpus(None, meta.config.context_length), meta.config.context_length)
+    trainer = Trainer(model, dataset, TrainConfig(), meta)
+    assert summary["loss_before"] == trainer.evaluate()
