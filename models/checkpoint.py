@@ -57,6 +57,19 @@ class CheckpointMeta:
     @classmethod
     def from_strings(cls, values: dict[str, str], path: Path) -> "CheckpointMeta":
         version = values.get("format_version")
+        # A training-state file also has format_version 1, so it is recognized by its name and its
+        # missing config before the version check.
+        if path.name.endswith(TRAIN_STATE_SUFFIX) and "config" not in values:
+            weights = path.with_name(path.name.removesuffix(TRAIN_STATE_SUFFIX) + ".safetensors")
+            raise CheckpointError(
+                f"{path} is a training-state file (optimizer and RNG state), not a checkpoint; "
+                f"pass the weights file {weights} instead"
+            )
+        if version is None:
+            raise CheckpointError(
+                f"{path} is not a tiny-growth checkpoint: its safetensors metadata has no format_version; "
+                "pass a checkpoint written by scripts/train.py or scripts/grow.py"
+            )
         if version != str(FORMAT_VERSION):
             raise CheckpointError(
                 f"{path}: unsupported checkpoint format version {version!r} (expected {FORMAT_VERSION})"

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO_ROOT, run_script, script_environment
+from safetensors.torch import save_file
 
 from models.checkpoint import read_checkpoint_meta, train_state_path
 
@@ -213,6 +214,22 @@ def test_train_resume_not_safetensors(train_script, tmp_path, capsys):
     assert_one_line_error(capsys.readouterr().err, "not a readable safetensors file")
 
 
+def test_train_resume_foreign_safetensors(train_script, tmp_path, capsys):
+    path = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(path))  # no metadata, as many other tools write
+    assert train_script.main(["--resume", str(path)]) == 2
+    assert_one_line_error(capsys.readouterr().err, "is not a tiny-growth checkpoint: its safetensors metadata has no format_version")
+
+
+def test_train_resume_state_file(train_script, trained_checkpoint, capsys):
+    state = train_state_path(trained_checkpoint)
+    assert train_script.main(["--resume", str(state)]) == 2
+    assert_one_line_error(
+        capsys.readouterr().err, f"{state} is a training-state file (optimizer and RNG state), not a checkpoint; "
+        f"pass the weights file {trained_checkpoint} instead",
+    )
+
+
 def test_train_resume_without_state(train_script, trained_checkpoint, tmp_path, capsys):
     path = tmp_path / "alone.safetensors"
     path.write_bytes(trained_checkpoint.read_bytes())
@@ -286,6 +303,11 @@ def test_generate_replaces_invalid_utf8(generate_script, trained_checkpoint, cap
 def test_generate_invalid_arguments(generate_script, trained_checkpoint, capsys, arguments, message):
     assert generate_script.main([str(trained_checkpoint), *arguments]) == 2
     assert_one_line_error(capsys.readouterr().err, message)
+
+
+def test_generate_state_file(generate_script, trained_checkpoint, capsys):
+    assert generate_script.main([str(train_state_path(trained_checkpoint))]) == 2
+    assert_one_line_error(capsys.readouterr().err, f"pass the weights file {trained_checkpoint} instead")
 
 
 def test_generate_missing_checkpoint(generate_script, tmp_path, capsys):
