@@ -2,14 +2,16 @@
 
     python scripts/generate.py checkpoints/tiny-d4.safetensors --prompt "def " --max-new-tokens 200
 
-The prompt is encoded as UTF-8 bytes and the output bytes are decoded as UTF-8 with invalid
-sequences shown as U+FFFD, so any sample prints. The same checkpoint, arguments and --seed give
-the same text.
+The prompt is the command-line argument's original bytes (os.fsencode, so bytes that are not valid
+in the locale's encoding are kept), and the output bytes are decoded as UTF-8 with invalid sequences
+shown as U+FFFD, so any sample prints. --raw writes the bytes undecoded instead. The same checkpoint,
+arguments and --seed give the same output.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -27,6 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature, where 0 takes the most likely byte (greedy) (default: 0.8)")
     parser.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely bytes, 1 to 256 (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default: 0)")
+    parser.add_argument("--raw", action="store_true", help="write the prompt and sample bytes to stdout unchanged, with no UTF-8 decoding and no trailing newline")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="device to run the model on (default: auto, which picks mps, then cuda, then cpu)")
     return parser.parse_args(argv)
 
@@ -42,9 +45,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"generate.py: error: {error}", file=sys.stderr)
         return 2
 
-    prompt = args.prompt.encode("utf-8")
+    # argv bytes that are invalid in the locale's encoding arrive as surrogate escapes, which
+    # os.fsencode turns back into the original bytes.
+    prompt = os.fsencode(args.prompt)
     generator = torch.Generator().manual_seed(args.seed)
     sample = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, generator)
+    if args.raw:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(prompt + sample)
+        sys.stdout.buffer.flush()
+        return 0
     # Decode prompt and sample together, so a character split across the boundary stays whole.
     print((prompt + sample).decode("utf-8", errors="replace"))
     return 0

@@ -264,6 +264,25 @@ def test_generate_script_smoke(trained_checkpoint):
     assert process.stdout.startswith("héllo")
 
 
+def run_generate_bytes(checkpoint: Path, *args: bytes | str) -> subprocess.CompletedProcess:
+    """Run generate.py with byte arguments, which need not be valid UTF-8, and capture bytes."""
+    command = [sys.executable, str(REPO_ROOT / "scripts" / "generate.py"), str(checkpoint), *args]
+    return subprocess.run(command, capture_output=True, timeout=120, env=script_environment(), cwd=REPO_ROOT)
+
+
+def test_generate_non_utf8_prompt(trained_checkpoint):
+    process = run_generate_bytes(trained_checkpoint, "--prompt", b"\xff\xfeabc", "--max-new-tokens", "5")
+    assert process.returncode == 0, process.stderr
+    assert process.stdout.startswith("\ufffd\ufffdabc".encode("utf-8"))
+
+
+def test_generate_raw_bytes(trained_checkpoint):
+    process = run_generate_bytes(trained_checkpoint, "--prompt", b"\xff\xfeabc", "--max-new-tokens", "5", "--raw")
+    assert process.returncode == 0, process.stderr
+    assert process.stdout.startswith(b"\xff\xfeabc")
+    assert len(process.stdout) == len(b"\xff\xfeabc") + 5
+
+
 def test_generate_same_seed_same_text(generate_script, trained_checkpoint, capsys):
     arguments = [str(trained_checkpoint), "--max-new-tokens", "40", "--seed", "7", "--temperature", "1.5"]
     generate_script.main(arguments)
