@@ -60,7 +60,8 @@ def plot_loss(arms: dict[str, ArmCurves], title: str, x_key: str, path: Path) ->
         if x_key == "flops":  # a log axis cannot show the fresh model's evaluation at 0 FLOPs
             keep = [i for i, value in enumerate(x) if value > 0]
             x, mean, low, high = ([series[i] for i in keep] for series in (x, mean, low, high))
-        ax.plot(x, mean, label=f"{name} ({len(curves.evals)} seeds)", **style)
+        seeds = len(curves.evals)
+        ax.plot(x, mean, label=f"{name} ({seeds} seed{'s' if seeds > 1 else ''})", **style)
         ax.fill_between(x, low, high, color=style["color"], alpha=0.2, linewidth=0)
         events = [events for events in curves.growths.values()]
         for position in range(len(events[0]) if events else 0):
@@ -76,7 +77,8 @@ def plot_loss(arms: dict[str, ArmCurves], title: str, x_key: str, path: Path) ->
     else:
         ax.set_xlabel("training tokens (bytes)")
     ax.set_ylabel("validation loss (nats per byte)")
-    _title(ax, f"Validation loss, {title}. Markers: o before growth, x after growth; bands: min-max over seeds.")
+    _title(ax, f"Validation loss, {title}. Markers: o before growth, x after growth; bands: min-max over seeds; "
+               "y axis zoomed past the first evaluations.")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _zoom_y(ax, arms)
@@ -110,6 +112,7 @@ def plot_jumps(arms: dict[str, ArmCurves], title: str, path: Path) -> None:
             position += 1
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30, ha="right")
+    ax.set_xlabel("arm and expansion (width before → after)")
     ax.set_ylabel("loss after − loss before (nats per byte)")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     _title(ax, f"Validation-loss change at each expansion, {title}. Bars: seed mean; dots: seeds.")

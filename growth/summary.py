@@ -3,7 +3,9 @@
 The compute ratio of a progressive arm is the training FLOPs it needed to first reach the final
 validation loss of the from-scratch arm of the same final width, divided by that scratch arm's total
 FLOPs. Below 1 means growing saved compute. Both are read from the seed-mean loss curves, and the
-crossing point is interpolated linearly in FLOPs between the two evaluations that bracket it.
+crossing point is interpolated linearly in FLOPs between the two evaluations that bracket it. When
+the arm never reaches that loss, the scratch arm's loss at the arm's total FLOPs still compares the
+two at equal compute.
 """
 
 from __future__ import annotations
@@ -73,6 +75,15 @@ def first_crossing(flops: list[int], losses: list[float], target: float) -> floa
     return None
 
 
+def loss_at(flops: list[int], losses: list[float], target_flops: float) -> float | None:
+    """Loss of a curve at `target_flops`, interpolated linearly; None outside the curve."""
+    for i in range(1, len(flops)):
+        if flops[i - 1] <= target_flops <= flops[i]:
+            fraction = (target_flops - flops[i - 1]) / (flops[i] - flops[i - 1])
+            return losses[i - 1] + fraction * (losses[i] - losses[i - 1])
+    return None
+
+
 def spread(values: list[float]) -> dict[str, float]:
     return {
         "mean": statistics.fmean(values),
@@ -123,6 +134,7 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
             "expansions": jumps,
             "compute_ratio": None,
             "compute_ratio_note": "",
+            "scratch_loss_at_same_flops": None,
         }
         scratch = scratch_by_width.get(spec.final_width)
         if not spec.is_scratch and scratch is not None:
@@ -130,6 +142,8 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
             _, flops, losses = curves.mean_curve()
             crossing = first_crossing(flops, losses, target)
             scratch_flops = next(iter(scratch.results.values()))["flops"]
+            _, scratch_curve_flops, scratch_losses = scratch.mean_curve()
+            row["scratch_loss_at_same_flops"] = loss_at(scratch_curve_flops, scratch_losses, row["flops"])
             if crossing is None:
                 row["compute_ratio_note"] = f"never reached scratch-{spec.final_width}'s final loss {target:.4f}"
             else:
@@ -154,8 +168,8 @@ def corpus_label(run_dir: str | Path) -> str:
 def format_table(summary: dict[str, Any]) -> str:
     """Render the summary as a Markdown table."""
     lines = [
-        "| arm | final val loss (nats/byte, mean ± std) | total FLOPs | tokens/param | wall time (s) | loss change at each expansion | compute ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | final val loss (nats/byte, mean ± std) | total FLOPs | tokens/param | wall time (s) | loss change at each expansion | compute ratio | scratch loss at the same FLOPs |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in summary["arms"]:
         loss = row["final_val_loss"]
@@ -166,9 +180,11 @@ def format_table(summary: dict[str, Any]) -> str:
             ratio = "never reached"
         else:
             ratio = "–"
+        at_same = row["scratch_loss_at_same_flops"]
         lines.append(
             f"| {row['arm']} | {loss['mean']:.4f} ± {loss['std']:.4f} | {row['flops']:.3g} | "
-            f"{row['tokens_per_parameter']:.1f} | {row['wall_time_s']['mean']:.0f} | {jumps} | {ratio} |"
+            f"{row['tokens_per_parameter']:.1f} | {row['wall_time_s']['mean']:.0f} | {jumps} | {ratio} | "
+            f"{'–' if at_same is None else f'{at_same:.4f}'} |"
         )
     return "\n".join(lines)
 

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or (str(Path(args.run_dirs[0]) / "figures") if len(args.run_dirs) == 1 else "figures/compare")
         paths = plot_runs(args.run_dirs, out)
     except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"plot.py: error: {error}", file=sys.stderr)
         return 2
     print("figures: " + ", ".join(str(p) for p in paths))
     return 0

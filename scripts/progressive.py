@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from growth.experiment import (
     PRESETS,
+    Arm,
     ExperimentConfig,
     ScheduleError,
     parse_int_list,
@@ -40,15 +41,16 @@ from models.train import TrainConfig
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = TrainConfig()
+    recipe = Arm("defaults", [4], [1])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, help="run a reference experiment (other schedule flags are ignored)")
     parser.add_argument("--sizes", default="4,8,16", help="comma-separated widths (d_model), each an integer multiple of the one before")
     parser.add_argument("--steps", default="1000,1000,2000", help="comma-separated optimizer steps at each width")
     parser.add_argument("--modes", default="mirror", help="comma-separated growth modes, one progressive arm each: mirror, tile")
     parser.add_argument("--noise", type=float, default=None, help="mirror noise: standard deviation relative to the RMS of each tiled block W/k (default: the growth module's)")
-    parser.add_argument("--optimizer", choices=("grow", "reset"), default="grow", help="AdamW state at growth: carried over and rescaled (grow) or fresh (reset)")
-    parser.add_argument("--width-aware", action=argparse.BooleanOptionalAction, default=True, help="scale learning rate, weight decay, eps and clipping per parameter with the growth factor")
-    parser.add_argument("--rewarmup-steps", type=int, default=0, help="after each growth, ramp the learning rate up again over this many steps (0: continue the schedule)")
+    parser.add_argument("--optimizer", choices=("grow", "reset"), default=recipe.optimizer, help="AdamW state at growth: carried over and rescaled (grow) or fresh (reset)")
+    parser.add_argument("--width-aware", action=argparse.BooleanOptionalAction, default=recipe.width_aware, help="scale learning rate, weight decay, eps and clipping per parameter with the growth factor (with --optimizer grow and tile, training follows the source model's curve)")
+    parser.add_argument("--rewarmup-steps", type=int, default=recipe.rewarmup_steps, help="after each growth, ramp the learning rate up again over this many steps (0: continue the schedule)")
     parser.add_argument("--baselines", choices=("scratch", "none"), default="scratch", help="also train each grown width from scratch on the same tokens")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; every arm runs once per seed")
     parser.add_argument("--init", help="checkpoint the progressive arms start from instead of a fresh model")
@@ -63,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs-dir", default="runs", help="parent directory of run directories")
     parser.add_argument("--figures-dir", help="also copy the figures here (the readme preset defaults to figures/<name>)")
     parser.add_argument("--workers", type=int, default=1, help="train this many (arm, seed) pairs at once, each in its own process with one thread")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads with --workers 1 (default: torch's choice; 1 is best on a busy machine)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="where to train")
     parser.add_argument("--no-fast", action="store_true", help="use the reference attention and loss instead of the fast path")
     return parser.parse_args(argv)
@@ -108,12 +111,17 @@ def main(argv: list[str] | None = None) -> int:
         runner = ExperimentRunner(config, Path(args.runs_dir) / config.name, device=device, fast=not args.no_fast)
         runner.prepare()
     except (ScheduleError, CorpusError, CheckpointError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"progressive.py: error: {error}", file=sys.stderr)
         return 2
 
     if args.workers < 1:
-        print(f"error: --workers must be at least 1, got {args.workers}", file=sys.stderr)
+        print(f"progressive.py: error: --workers must be at least 1, got {args.workers}", file=sys.stderr)
         return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"progressive.py: error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
     todo = runner.pending()
     total_steps = sum(arm.total_steps for arm, _ in todo)
     print(f"run directory: {runner.run_dir} ({len(todo)} of {len(config.arms) * len(config.seeds)} arm-seeds to train)")
@@ -128,7 +136,16 @@ def main(argv: list[str] | None = None) -> int:
                 bar.set_description(f"finished {arm.name} seed {seed}", refresh=False)
                 bar.update(arm.total_steps)
 
-        runner.run(on_step=on_step, workers=args.workers, on_arm_done=on_arm_done)
+        try:
+            runner.run(on_step=on_step, workers=args.workers, on_arm_done=on_arm_done)
+        except KeyboardInterrupt:
+            bar.close()
+            print(
+                f"interrupted; finished arms are kept in {runner.run_dir}. Rerun the same command to "
+                "train the rest (an unfinished arm starts again from its beginning).",
+                file=sys.stderr,
+            )
+            return 130
     wall = time.perf_counter() - started
 
     summary = write_summary(runner.run_dir)

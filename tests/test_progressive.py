@@ -16,7 +16,7 @@ from growth.summary import first_crossing
 from models.flops import training_flops_per_token
 
 ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ["--sizes", "4,8,16", "--steps", "4,4,8", "--modes", "mirror,tile", "--seeds", "0,1",
+SMOKE = ["--sizes", "4,8,16", "--steps", "4,4,8", "--modes", "mirror,tile", "--seeds", "0,1", "--optimizer", "grow",
          "--batch-size", "4", "--eval-interval", "4", "--eval-batches", "1", "--warmup-steps", "2"]
 ARMS = ("mirror-4-8-16", "tile-4-8-16", "scratch-8", "scratch-16")
 
