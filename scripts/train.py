@@ -3,6 +3,7 @@
     python scripts/train.py                                  # seed model (d_model 4), default corpus
     python scripts/train.py --d-model 16 --data notes/ --out checkpoints/notes-d16.safetensors
     python scripts/train.py --resume checkpoints/tiny-d4.safetensors
+    python scripts/train.py --init checkpoints/tiny-d16.safetensors --steps 1000   # keep training a grown model
 
 Metrics are appended as JSON lines to NAME.metrics.jsonl beside the checkpoint NAME.safetensors, and
 the optimizer and RNG state for --resume is written to NAME.train.safetensors. SIGINT or SIGTERM
@@ -27,7 +28,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from models.checkpoint import CheckpointMeta, read_checkpoint_meta, train_state_path
+from models.checkpoint import CheckpointMeta, load_checkpoint, read_checkpoint_meta, train_state_path
 from models.config import ROTARY_TARGETS, ModelConfig
 from models.data import DEFAULT_CORPUS, ByteDataset, Corpus, load_corpus
 from models.device import DEVICE_CHOICES, resolve_device
@@ -39,7 +40,7 @@ logger = logging.getLogger("train")
 DEFAULTS = TrainConfig()
 
 # Flags that set TrainConfig fields, with their help text. A resumed run keeps the settings it was
-# started with, so these are rejected together with --resume.
+# started with, so these are rejected together with --resume. A run started with --init takes them.
 TRAINING_FLAGS = {
     "steps": "optimizer steps",
     "batch_size": "windows of context_length bytes per step",
@@ -52,6 +53,7 @@ TRAINING_FLAGS = {
     "eval_batches": "validation batches per evaluation",
     "seed": "seed of the batch sampler, dropout and initialization",
 }
+# Flags that set ModelConfig fields, rejected together with --resume and --init, whose checkpoint fixes the model.
 MODEL_FLAGS = ("d_model", "n_heads", "d_ff", "rotary_targets")
 
 
@@ -84,9 +86,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--data", type=Path, default=None,
         help=f"corpus file, or directory of files read in sorted path order (default: {DEFAULT_CORPUS})",
     )
-    run.add_argument("--out", type=Path, default=None, help="checkpoint path (default: checkpoints/tiny-d{d_model}.safetensors, or the --resume path)")
+    run.add_argument(
+        "--out", type=Path, default=None,
+        help="checkpoint path (default: checkpoints/tiny-d{d_model}.safetensors, the --resume path, "
+        "or NAME-cont.safetensors beside the --init checkpoint NAME.safetensors)",
+    )
     run.add_argument("--force", action="store_true", help="overwrite an existing --out checkpoint")
     run.add_argument("--resume", type=Path, default=None, help="continue the run saved in this checkpoint and its .train.safetensors state")
+    run.add_argument(
+        "--init", type=Path, default=None,
+        help="start a new run (fresh AdamW and schedule from the training flags) from the weights of this "
+        "checkpoint, e.g. one written by scripts/grow.py; its step, token, FLOP and growth counts carry on",
+    )
     run.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="device to train on (default: auto, which picks mps, then cuda, then cpu)")
     run.add_argument("--no-fast", action="store_true", help="use the reference attention and loss (slower, for checking)")
     run.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -142,6 +153,43 @@ def prepare_new_run(args: argparse.Namespace, device: torch.device) -> tuple[Tra
     meta = CheckpointMeta(config=config, corpus=corpus.fingerprint())
     trainer = Trainer(model, dataset, train_config, meta)
 
+    return trainer, out
+
+
+def init_output_path(init: Path) -> Path:
+    """NAME-cont.safetensors beside the --init checkpoint NAME.safetensors."""
+    return init.with_name(init.name.removesuffix(".safetensors") + "-cont.safetensors")
+
+
+def prepare_init_run(args: argparse.Namespace, device: torch.device) -> tuple[Trainer, Path]:
+    """Start a new run from the weights of the --init checkpoint, continuing its cumulative counts."""
+    conflicting = [name for name in MODEL_FLAGS if getattr(args, name) is not None]
+    if conflicting:
+        flags = ", ".join("--" + name.replace("_", "-") for name in conflicting)
+        raise UsageError(f"{flags} cannot be combined with --init: the model is the one in {args.init}")
+
+    train_config = train_config_from_args(args)
+    model, meta = load_checkpoint(args.init, device=device, fast=not args.no_fast)
+    out = args.out or init_output_path(args.init)
+    if out.resolve() == args.init.resolve():
+        raise UsageError(f"--out {out} is the --init checkpoint; choose another --out so that {args.init} is kept")
+    if out.exists() and not args.force:
+        raise UsageError(f"{out} already exists; pass --force to overwrite it or choose another --out")
+
+    corpus = load_corpus(args.data, meta.config.context_length)
+    recorded = meta.corpus or {}
+    current = corpus.fingerprint()
+    if current["sha256"] != recorded.get("sha256"):
+        logger.warning(
+            "corpus %s (sha256 %s) differs from %s (sha256 %s) that %s was trained on; "
+            "its losses will not be comparable with the earlier ones",
+            current["source"], current["sha256"][:12], recorded.get("source"),
+            str(recorded.get("sha256"))[:12], args.init,
+        )
+    meta.corpus = current  # the corpus that --resume of this run must be given
+    dataset = ByteDataset(corpus, meta.config.context_length)
+    # The Trainer counts its own steps from 0 for the new schedule, and adds them to meta's counts.
+    trainer = Trainer(model, dataset, train_config, meta)
     return trainer, out
 
 
@@ -241,11 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     # of torch._dynamo by torch.optim), so that a signal sent then is not lost. It stays installed
     # until the checkpoint is saved.
     with stop_requested_by_signal() as caught_signal:
-        logger.info("loading the corpus and building the model")
         try:
             device = resolve_device(args.device)
+            if args.resume is not None and args.init is not None:
+                raise UsageError("--init cannot be combined with --resume: --resume continues a run, --init starts a new one")
             if args.resume is not None:
                 trainer, out = prepare_resumed_run(args, device)
+            elif args.init is not None:
+                trainer, out = prepare_init_run(args, device)
             else:
                 trainer, out = prepare_new_run(args, device)
         # CorpusError and CheckpointError are ValueErrors, and so are invalid ModelConfig and TrainConfig values.

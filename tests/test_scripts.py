@@ -15,7 +15,9 @@ import torch
 from conftest import REPO_ROOT, run_script, script_environment
 from safetensors.torch import save_file
 
+from growth.checkpoint import grow_checkpoint
 from models.checkpoint import read_checkpoint_meta, train_state_path
+from models.flops import training_flops_per_token
 
 TINY_RUN = ("--steps", "10", "--batch-size", "4", "--eval-interval", "5", "--eval-batches", "2")
 
@@ -115,6 +117,15 @@ def test_train_script_sigterm_then_resume(tmp_path):
     assert read_metrics(out)[-1]["step"] == 200
 
 
+def caught_signals(status: Path) -> int:
+    """Return the SigCgt bit mask (bit n - 1 for signal n) from a /proc/PID/status file."""
+    for line in status.read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no SigCgt line in {status}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc to see installed handlers")
 def test_train_script_sigint_during_setup(tmp_path):
     out = tmp_path / "early.safetensors"
     out.write_bytes(b"user data")  # --force may replace it only once training has started
@@ -122,9 +133,14 @@ def test_train_script_sigint_during_setup(tmp_path):
                "--threads", "1", "--out", str(out), "--force"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=script_environment(), cwd=REPO_ROOT)
-    # main() logs this line right after installing the handler, before the seconds of setup.
-    first_line = process.stderr.readline()
-    assert "loading the corpus" in first_line, first_line
+    # Python catches SIGINT from startup but SIGTERM only once main() installs the training handler,
+    # which happens before the seconds of setup. SigCgt in /proc is the mask of caught signals.
+    status = Path(f"/proc/{process.pid}/status")
+    deadline = time.monotonic() + 60
+    while not caught_signals(status) & (1 << (signal.SIGTERM - 1)):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "train.py installed no SIGTERM handler within 60 s"
+        time.sleep(0.005)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
 
@@ -253,6 +269,89 @@ def test_train_resume_to_new_out(train_script, trained_checkpoint, tmp_path):
     out = tmp_path / "copy.safetensors"
     assert train_script.main(["--resume", str(trained_checkpoint), "--out", str(out)]) == 0
     assert read_checkpoint_meta(out).step == read_checkpoint_meta(trained_checkpoint).step
+
+
+# --- train.py --init ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def grown_checkpoint(trained_checkpoint, tmp_path_factory) -> Path:
+    """The trained seed checkpoint widened to d_model 8 by growth.checkpoint, as scripts/grow.py does."""
+    path = tmp_path_factory.mktemp("grown") / "tiny-d8.safetensors"
+    grow_checkpoint(trained_checkpoint, path, 8, mode="tile", eval_batches=2, batch_size=4)
+    return path
+
+
+@pytest.fixture(scope="module")
+def init_run(train_script, grown_checkpoint):
+    """A 10-step --init run from the grown checkpoint, written to the default output path."""
+    assert train_script.main(["--init", str(grown_checkpoint), *TINY_RUN]) == 0
+    return grown_checkpoint.with_name("tiny-d8-cont.safetensors")
+
+
+def test_train_init_keeps_model(init_run):
+    assert read_checkpoint_meta(init_run).config.d_model == 8
+
+
+def test_train_init_accumulates_counts(init_run, grown_checkpoint):
+    before = read_checkpoint_meta(grown_checkpoint)
+    after = read_checkpoint_meta(init_run)
+    tokens_per_step = 4 * 64  # --batch-size 4 windows of context_length 64
+    assert after.step == before.step + 10
+    assert after.tokens == before.tokens + 10 * tokens_per_step
+    assert after.flops == before.flops + 10 * training_flops_per_token(after.config) * tokens_per_step
+
+
+def test_train_init_keeps_growth_history(init_run, grown_checkpoint):
+    history = read_checkpoint_meta(grown_checkpoint).growth_history
+    assert len(history) == 1
+    assert read_checkpoint_meta(init_run).growth_history == history
+
+
+def test_train_init_fresh_metrics(init_run, grown_checkpoint):
+    start = read_checkpoint_meta(grown_checkpoint).step
+    assert [record["step"] for record in read_metrics(init_run)] == [start + 5, start + 10]
+
+
+def test_train_init_fresh_schedule(init_run):
+    assert read_checkpoint_meta(init_run).training["steps"] == 10
+
+
+def test_train_init_resumable(train_script, init_run, tmp_path):
+    out = tmp_path / "resumed.safetensors"
+    assert train_script.main(["--resume", str(init_run), "--out", str(out)]) == 0
+    assert read_checkpoint_meta(out).step == read_checkpoint_meta(init_run).step
+
+
+def test_train_init_other_corpus_warns(train_script, grown_checkpoint, tmp_path, caplog):
+    corpus = tmp_path / "other.txt"
+    corpus.write_bytes(b"other text " * 100)
+    out = tmp_path / "other.safetensors"
+    assert train_script.main(["--init", str(grown_checkpoint), *TINY_RUN, "--data", str(corpus), "--out", str(out)]) == 0
+    assert "differs from" in caplog.text
+    assert read_checkpoint_meta(out).corpus["bytes"] == 1100
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--d-model", "16"], "--d-model cannot be combined with --init"),
+        (["--n-heads", "2", "--rotary-targets", "qk"], "--n-heads, --rotary-targets cannot be combined with --init"),
+        (["--resume", "x.safetensors"], "--init cannot be combined with --resume"),
+    ],
+)
+def test_train_init_rejects_flags(train_script, grown_checkpoint, tmp_path, capsys, arguments, message):
+    out = tmp_path / "x.safetensors"
+    assert train_script.main(["--init", str(grown_checkpoint), *arguments, "--out", str(out)]) == 2
+    assert_one_line_error(capsys.readouterr().err, message)
+    assert not out.exists()
+
+
+def test_train_init_rejects_out_equal_init(train_script, grown_checkpoint, capsys):
+    before = grown_checkpoint.read_bytes()
+    assert train_script.main(["--init", str(grown_checkpoint), *TINY_RUN, "--out", str(grown_checkpoint), "--force"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "is the --init checkpoint")
+    assert grown_checkpoint.read_bytes() == before
 
 
 # --- generate.py ---------------------------------------------------------------------------------
