@@ -6,6 +6,8 @@ import gc
 import resource
 import sys
 import time
+
+import torch
 from typing import Any
 
 from growth.expand import DEFAULT_NOISE, expand
@@ -36,6 +38,8 @@ def benchmark_growth(
     for _ in range(repeats):
         start = time.perf_counter()
         grown = expand(model, d_model, mode=mode, noise=noise)
+        if grown.lm_head.weight.is_cuda:
+            torch.cuda.synchronize()  # kernels run asynchronously; time their completion
         seconds.append(time.perf_counter() - start)
         grown_parameters = grown.num_parameters()
         grown_bytes = sum(p.numel() * p.element_size() for p in grown.parameters())

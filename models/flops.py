@@ -25,7 +25,3 @@ def training_flops_per_token(config: ModelConfig, seq_len: int | None = None) ->
     attention = 2 * t * config.d_model + 2 * t * config.d_model  # scores, then weighted values
     return 6 * matmul_parameters(config) + 3 * config.n_layers * attention
 
-
-def eval_flops_per_token(config: ModelConfig, seq_len: int | None = None) -> int:
-    """Forward-only FLOPs for one token: a third of the training cost."""
-    return training_flops_per_token(config, seq_len) // 3

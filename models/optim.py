@@ -23,7 +23,7 @@ def default_multipliers() -> dict[str, float]:
     return {name: 1.0 for name in MULTIPLIERS}
 
 
-def decays(name: str, parameter: torch.Tensor) -> bool:
+def decays(parameter: torch.Tensor) -> bool:
     """Weight decay applies to matrices (embedding included) and not to biases or LayerNorm gains."""
     return parameter.dim() >= 2
 
@@ -50,7 +50,7 @@ def build_adamw(
     groups: dict[tuple, dict] = {}
     for name, parameter in model.named_parameters():
         scales = multipliers.get(name, default_multipliers())
-        decay = decays(name, parameter)
+        decay = decays(parameter)
         key = (decay,) + tuple(scales[m] for m in MULTIPLIERS)
         if key not in groups:
             groups[key] = {

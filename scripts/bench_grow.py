@@ -23,6 +23,7 @@ from growth.benchmark import benchmark_growth
 from growth.expand import MODES
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.config import ModelConfig
+from models.device import DEVICE_CHOICES, resolve_device
 from models.model import TinyTransformer
 
 SHIPPED_CHECKPOINT = Path("checkpoints/tiny-d4.safetensors")
@@ -36,11 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=MODES, default="mirror", help="growth mode (default: mirror)")
     parser.add_argument("--repeats", type=int, default=3, help="timed growths; the fastest is reported (default: 3)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="cpu",
+                        help="where to grow (default: cpu; peak RSS counts host memory only)")
     args = parser.parse_args(argv)
 
     checkpoint = args.checkpoint or (SHIPPED_CHECKPOINT if SHIPPED_CHECKPOINT.is_file() else None)
     try:
+        device = resolve_device(args.device)
         model = load_checkpoint(checkpoint)[0] if checkpoint else TinyTransformer(ModelConfig())
+        model.to(device)
         result = benchmark_growth(model, args.to, mode=args.mode, repeats=args.repeats)
     except (CheckpointError, ValueError) as error:
         print(f"bench_grow.py: error: {error}", file=sys.stderr)

@@ -11,7 +11,7 @@ from conftest import make_trainer, small_train_config
 from models.checkpoint import CheckpointError, read_checkpoint_meta, train_state_path
 from models.config import ModelConfig
 from models.device import resolve_device
-from models.flops import eval_flops_per_token, matmul_parameters, training_flops_per_token
+from models.flops import matmul_parameters, training_flops_per_token
 from models.optim import adam_state_tensors
 from models.train import Trainer, TrainConfig
 
@@ -162,10 +162,6 @@ def test_flops_seed_formula():
 
 def test_flops_seed_value():
     assert training_flops_per_token(ModelConfig()) == 13_824
-
-
-def test_flops_eval_third():
-    assert eval_flops_per_token(ModelConfig()) == 13_824 // 3
 
 
 def test_flops_short_sequence():
