@@ -6,9 +6,9 @@ import gc
 import resource
 import sys
 import time
+from typing import Any
 
 import torch
-from typing import Any
 
 from growth.expand import DEFAULT_NOISE, expand
 from models.model import TinyTransformer
