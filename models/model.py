@@ -14,6 +14,7 @@ from torch import nn
 
 from models.attention import chunked_causal_attention
 from models.config import ModelConfig
+from models.layernorm import layer_norm_linear
 from models.losses import linear_cross_entropy
 from models.rotary import apply_rotary, rotary_tables
 
@@ -48,7 +49,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fast:
-            return self.proj(self._chunked_attention(x))
+            return self.proj(self._chunked_attention(self.qkv(x)))
         b, t, _ = x.shape
         qkv = rearrange(self.qkv(x), "b t (three h e) -> three b h t e", three=3, h=self.n_heads)
         cos = self.cos[:t].to(x.dtype)
@@ -64,12 +65,15 @@ class CausalSelfAttention(nn.Module):
         y = rearrange(y, "b h t e -> b t (h e)")
         return self.proj(y)
 
-    def _chunked_attention(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the attention output (b, t, d) before the output projection, on the fast path."""
-        b, t, _ = x.shape
+    def _chunked_attention(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Return the attention output (b, t, d) before the output projection, on the fast path.
+
+        qkv (b, t, 3 d) is the output of the qkv projection.
+        """
+        b, t, _ = qkv.shape
         # One copy into the channel-first layout that chunked_causal_attention multiplies fastest.
-        qkv_t = rearrange(self.qkv(x), "b t (three h e) -> three (b h) e t", three=3, h=self.n_heads)
-        cos, sin, mask = self._tables(x.dtype, x.device)
+        qkv_t = rearrange(qkv, "b t (three h e) -> three (b h) e t", three=3, h=self.n_heads)
+        cos, sin, mask = self._tables(qkv.dtype, qkv.device)
         # apply_rotary rotates along the last axis, so it gets the (t, e) transpose of each head.
         rotated = apply_rotary(qkv_t[: self.n_rotated].transpose(-1, -2), cos[:t], sin[:t])
         q_t, k_t = rotated.transpose(-1, -2)[:2]  # each ((b h), e, t)
@@ -109,8 +113,17 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.attn.fast:
+            return self._fast_forward(x)
         x = x + self.dropout(self.attn(self.attn_norm(x)))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+    def _fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Compute forward with each LayerNorm folded into the linear layer that follows it."""
+        qkv = layer_norm_linear(x, self.attn_norm, self.attn.qkv)  # (b, t, 3 d)
+        x = x + self.dropout(self.attn.proj(self.attn._chunked_attention(qkv)))
+        hidden = F.relu(layer_norm_linear(x, self.ffn_norm, self.ffn.up))  # (b, t, d_ff)
+        return x + self.dropout(self.ffn.down(hidden))
 
 
 class TinyTransformer(nn.Module):

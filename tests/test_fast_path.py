@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from models import ModelConfig, TinyTransformer
 from models.attention import chunked_causal_attention
+from models.layernorm import layer_norm_linear, normalize
 from models.losses import linear_cross_entropy
 
 # (dtype, absolute tolerance) for logits, loss and gradients of the two paths.
@@ -184,3 +185,33 @@ def test_loss_underflowed_target_probability():
     expected = F.cross_entropy(F.linear(x, weight, bias), targets)
     assert torch.isfinite(loss)
     torch.testing.assert_close(loss, expected)
+
+
+def test_normalize_gradcheck():
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+
+    assert torch.autograd.gradcheck(lambda x: normalize(x, 1e-5), (x,))
+
+
+@pytest.mark.parametrize("d_model", [4, 16, 64])
+def test_layer_norm_linear_matches_modules(d_model):
+    torch.manual_seed(8)
+    norm = torch.nn.LayerNorm(d_model).double()
+    linear = torch.nn.Linear(d_model, 3 * d_model).double()
+    with torch.no_grad():  # a non-trivial affine, so folding it into the linear layer is tested
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 5, d_model, dtype=torch.float64, requires_grad=True)
+    grad_y = torch.randn(2, 5, 3 * d_model, dtype=torch.float64)
+    inputs = (x, norm.weight, norm.bias, linear.weight, linear.bias)
+
+    folded = layer_norm_linear(x, norm, linear)
+    folded_grads = torch.autograd.grad(folded, inputs, grad_y)
+    expected = linear(norm(x))
+    expected_grads = torch.autograd.grad(expected, inputs, grad_y)
+
+    torch.testing.assert_close(folded, expected, atol=1e-12, rtol=0)
+    names = ("x", "norm.weight", "norm.bias", "linear.weight", "linear.bias")
+    for name, grad, expected_grad in zip(names, folded_grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-12, rtol=0, msg=f"gradient of {name}")
