@@ -1,9 +1,9 @@
 """LayerNorm followed by a linear layer, for the fast training path at small d_model.
 
 torch's native LayerNorm kernels take about 0.4 ms forward and 0.7 ms backward on (16384, 4) rows
-with 2 threads (torch 2.13, AMD EPYC), 20 to 40 times a plain elementwise op on the same tensor,
-because they work row by row. `layer_norm_linear` normalizes with whole-tensor ops instead and
-folds the LayerNorm's elementwise affine into the linear layer:
+with 2 threads (torch 2.13, AMD EPYC), 20 to 40 times a plain elementwise op on the same tensor.
+`layer_norm_linear` normalizes with whole-tensor ops instead and folds the LayerNorm's elementwise
+affine into the linear layer:
 
     linear(ln(x)) = (xhat * gamma + beta) @ W^T + c = xhat @ (W * gamma)^T + (W @ beta + c)
 
