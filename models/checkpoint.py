@@ -1,6 +1,6 @@
 """Safetensors checkpoints with readable metadata, written atomically and validated on load.
 
-A checkpoint is one `.safetensors` file of weights whose string metadata holds the format version,
+A checkpoint is one `.safetensors` file of weights whose string metadata contains the format version,
 the config as JSON, the step, tokens seen, cumulative training FLOPs, the corpus fingerprint and the
 growth history. The optimizer and RNG state for resuming lives in a second safetensors file beside it
 (`NAME.train.safetensors`). Nothing is ever unpickled.

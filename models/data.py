@@ -39,7 +39,7 @@ class Corpus:
 def default_corpus_bytes() -> bytes:
     """Return the documentation topics that CPython ships, joined in sorted topic order.
 
-    The text differs between Python versions, so the fingerprint in a checkpoint tells which one was used.
+    The text differs between Python versions, so the fingerprint in a checkpoint records which one was used.
     """
     from pydoc_data.topics import topics
 
