@@ -1,10 +1,11 @@
-"""Training FLOPs counted from the config, in the form of Kaplan et al. 2020 (arXiv 2001.08361).
+"""Training FLOPs counted from the config: 6 per matmul weight per token, the form of Kaplan et al.
+2020 (arXiv 2001.08361), plus the attention products.
 
 Forward FLOPs per token are 2 per weight of every matrix product: Q/K/V, attention output, both
 feed-forward layers and the output projection, but not the embedding lookup, biases or norms. Each
 layer adds 2·t·d for the attention scores q·k and 2·t·d for the weighted sum of values, where t is
-the sequence length (masked positions are counted, as Kaplan et al. do). The backward pass costs
-twice the forward, so a training token costs 6·N_matmul + 12·n_layers·t·d.
+the sequence length; masked positions are counted too. The backward pass costs twice the forward,
+so a training token costs 6·N_matmul + 12·n_layers·t·d.
 """
 
 from __future__ import annotations
