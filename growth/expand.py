@@ -210,9 +210,9 @@ def expand(
 
     `noise` is the standard deviation of each random block as a fraction of the RMS of a tiled block W/k.
     Because it is relative to the block, the weight's squared norm grows by about 2 * noise**2 * (k-1)/k
-    for any k: 2% at the default 0.1, so weight decay and learning rates tuned on the source still see
-    the same weight scale. At 0.1 the copies differ from the first optimizer step. In the tests the
-    float32 logit error stays below 1e-5 for k up to 8, because the noise is smaller than the blocks.
+    for any k, which is 2% at the default 0.1. So weight decay and learning rates tuned on the source
+    still see the same weight scale. At 0.1 the copies differ from the first optimizer step. In the
+    tests on random and briefly trained weights, the float32 logit error stays below 1e-5 for k up to 8.
     Raises ValueError for a target width that is not a larger integer multiple, an unknown mode, or
     a negative noise.
     """

@@ -170,7 +170,10 @@ class ExperimentRunner:
             with open(metrics_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
 
+        last_eval: dict = {}
+
         def on_record(record: dict) -> None:
+            last_eval.update(record)
             write({"event": "eval", "arm": arm.name, "seed": seed, **record, "copy_drift": copy_drift(trainer.model, copies)})
 
         step_callback = None if on_step is None else (lambda trainer_, loss: on_step(arm.name, seed))
@@ -202,7 +205,7 @@ class ExperimentRunner:
             "seed": seed,
             "sizes": arm.sizes,
             "steps": arm.steps,
-            "final_val_loss": trainer.evaluate(),
+            "final_val_loss": last_eval["val_loss"],  # the run always evaluates at its last step
             "tokens": trainer.meta.tokens,
             "flops": trainer.meta.flops,
             "parameters": final.num_parameters(),

@@ -3,8 +3,8 @@
 
 Forward FLOPs per token are 2 per weight of every matrix product: Q/K/V, attention output, both
 feed-forward layers and the output projection, but not the embedding lookup, biases or norms. Each
-layer adds 2·t·d for the attention scores q·k and 2·t·d for the weighted sum of values, where t is
-the sequence length; masked positions are counted too. The backward pass costs twice the forward,
+layer adds 2·t·d for the attention scores q·k and 2·t·d for the weighted sum of values. Here t is
+the sequence length, and masked positions are counted too. The backward pass costs twice the forward,
 so a training token costs 6·N_matmul + 12·n_layers·t·d.
 """
 
