@@ -1,10 +1,11 @@
 """Causal attention for small head dims, computed in cache-sized chunks of (batch x head) rows.
 
-At head_dim 2 the (b h, t, t) scores and probabilities are hundreds of times larger than q, k and v,
-so a step that stores them is bound by memory traffic. `chunked_causal_attention` computes
-scores, mask, softmax and the product with v for a few (b h) rows at a time. It keeps only q, k, v
-and the output for the backward pass, which recomputes the probabilities chunk by chunk, as
-FlashAttention does but with plain torch ops on whole chunks. No (b h, t, t) tensor is stored.
+At head_dim 2 the (b h, t, t) scores and probabilities are hundreds of times larger than q, k and v.
+`chunked_causal_attention` computes scores, mask, softmax and the product with v for a few (b h)
+rows at a time, so each chunk's temporaries stay in cache, and never materializes the scores of the
+whole batch. For the backward pass it keeps the probabilities chunk by chunk while they total at
+most SAVED_PROBS_BYTES. Above that it keeps only q, k, v and the output, and backward recomputes
+the probabilities chunk by chunk, as FlashAttention does but with plain torch ops on whole chunks.
 
 q, k and v are passed channel-first, (b h, e, t): the CPU batched-matmul kernels run about 4x
 faster when the size-e operand of a (t, t) x (t, e) product is laid out this way (measured with
@@ -22,6 +23,13 @@ from torch.autograd.function import once_differentiable
 # NOTE: measured on that one machine only, so other cache sizes may prefer another budget.
 SCORE_CHUNK_BYTES = 1024 * 1024
 
+# Most bytes of probabilities one call keeps for backward. Reading them back costs far less than
+# recomputing them: at head_dim 2 the exp in the softmax, not the products, dominates attention
+# (torch.exp takes about 0.8 ns per float32, a copy 0.09 ns; 1 thread, AMD EPYC). Keeping them as
+# one (b h, t, t) tensor instead of per-chunk tensors made steps slower from d_model 16 up: glibc
+# maps each allocation over 32 MiB afresh, so every step paid page faults on the new pages.
+SAVED_PROBS_BYTES = 256 * 1024 * 1024
+
 
 def attention_chunk_rows(t: int, element_size: int) -> int:
     """Return how many (b h) rows of (t, t) scores fit in SCORE_CHUNK_BYTES, at least one."""
@@ -30,16 +38,19 @@ def attention_chunk_rows(t: int, element_size: int) -> int:
 
 class _ChunkedCausalAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q_t, k_t, v_t, mask, scale, chunk_rows):
+    def forward(ctx, q_t, k_t, v_t, mask, scale, chunk_rows, save_probs):
         # q_t, k_t, v_t: (n, e, t) with n = b h; mask: (t, t) additive, 0 or -inf; scale: float.
         n = q_t.shape[0]
         y_t = torch.empty_like(v_t)  # (n, e, t)
+        saved_probs = []  # one (c, t, t) tensor per chunk, each small enough to reuse heap memory
         for start in range(0, n, chunk_rows):
             rows = slice(start, start + chunk_rows)
             probs = _chunk_probs(q_t[rows], k_t[rows], mask, scale)  # (c, t, t)
             torch.bmm(v_t[rows], probs.transpose(1, 2), out=y_t[rows])  # y^T = v^T P^T, (c, e, t)
+            if save_probs:
+                saved_probs.append(probs)
 
-        ctx.save_for_backward(q_t, k_t, v_t, mask, y_t)
+        ctx.save_for_backward(q_t, k_t, v_t, mask, y_t, *saved_probs)
         ctx.scale = scale
         ctx.chunk_rows = chunk_rows
         return y_t
@@ -47,7 +58,7 @@ class _ChunkedCausalAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y_t):
-        q_t, k_t, v_t, mask, y_t = ctx.saved_tensors
+        q_t, k_t, v_t, mask, y_t, *saved_probs = ctx.saved_tensors
         scale, chunk_rows = ctx.scale, ctx.chunk_rows
         grad_y_t = grad_y_t.contiguous()
         # Softmax backward is dS = P * (dP - D) with D_i = sum_j P_ij dP_ij = dy_i . y_i, so the
@@ -57,15 +68,18 @@ class _ChunkedCausalAttention(torch.autograd.Function):
         grad_q_t = torch.empty_like(q_t)
         grad_k_t = torch.empty_like(k_t)
         grad_v_t = torch.empty_like(v_t)
-        for start in range(0, q_t.shape[0], chunk_rows):
+        for index, start in enumerate(range(0, q_t.shape[0], chunk_rows)):
             rows = slice(start, start + chunk_rows)
-            probs = _chunk_probs(q_t[rows], k_t[rows], mask, scale)  # (c, t, t), recomputed
+            if saved_probs:
+                probs = saved_probs[index]
+            else:
+                probs = _chunk_probs(q_t[rows], k_t[rows], mask, scale)  # (c, t, t), recomputed
             torch.bmm(grad_y_t[rows], probs, out=grad_v_t[rows])  # dv^T = dy^T P
             grad_scores = torch.bmm(grad_y_t[rows].transpose(1, 2), v_t[rows])  # dP = dy v^T
             grad_scores.sub_(row_dot[rows]).mul_(probs)  # dS = P * (dP - D), still without scale
             torch.bmm(k_t[rows], grad_scores.transpose(1, 2), out=grad_q_t[rows])  # dq^T = k^T dS^T
             torch.bmm(q_t[rows], grad_scores, out=grad_k_t[rows])  # dk^T = q^T dS
-        return grad_q_t.mul_(scale), grad_k_t.mul_(scale), grad_v_t, None, None, None
+        return grad_q_t.mul_(scale), grad_k_t.mul_(scale), grad_v_t, None, None, None, None
 
 
 def _chunk_probs(q_t: torch.Tensor, k_t: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
@@ -90,4 +104,7 @@ def chunked_causal_attention(
     """
     if chunk_rows is None:
         chunk_rows = attention_chunk_rows(q_t.shape[-1], q_t.element_size())
-    return _ChunkedCausalAttention.apply(q_t, k_t, v_t, mask, scale, chunk_rows)
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q_t, k_t, v_t))
+    n, _, t = q_t.shape
+    save_probs = needs_grad and n * t * t * q_t.element_size() <= SAVED_PROBS_BYTES
+    return _ChunkedCausalAttention.apply(q_t, k_t, v_t, mask, scale, chunk_rows, save_probs)

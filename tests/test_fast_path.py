@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from models import ModelConfig, TinyTransformer
+from models import attention
 from models.attention import chunked_causal_attention
 from models.layernorm import layer_norm_linear, normalize
 from models.losses import linear_cross_entropy
@@ -61,8 +62,16 @@ def test_fast_matches_reference(dtype, atol, d_model, rotary_targets, length):
         torch.testing.assert_close(fast_grads[name], grad, atol=atol, rtol=0, msg=f"gradient of {name}")
 
 
+@pytest.fixture(params=["saved", "recomputed"])
+def probs_kept(request, monkeypatch):
+    """Run an attention test twice: probabilities kept for backward, and recomputed in backward."""
+    if request.param == "recomputed":
+        monkeypatch.setattr(attention, "SAVED_PROBS_BYTES", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("chunk_rows", [1, 3, 7, 64])  # 7 leaves a short last chunk of 20 rows
-def test_attention_chunks_uneven(chunk_rows):
+def test_attention_chunks_uneven(chunk_rows, probs_kept):
     generator = torch.Generator().manual_seed(2)
     n, e, t = 20, 2, 9
     q_t, k_t, v_t = (torch.randn(n, e, t, dtype=torch.float64, generator=generator) for _ in range(3))
@@ -104,7 +113,7 @@ def test_loss_chunks_uneven(chunk_rows):
         torch.testing.assert_close(grad, expected_grad, atol=1e-12, rtol=0, msg=f"gradient of {name}")
 
 
-def test_attention_gradcheck():
+def test_attention_gradcheck(probs_kept):
     generator = torch.Generator().manual_seed(4)
     n, e, t = 3, 2, 5
     inputs = [
