@@ -2,9 +2,9 @@
 
 At d_model 4 the (tokens, vocab) logits are most of the memory traffic of a training step. The fused
 function walks over the token rows in chunks whose logits fit in cache. Because the loss is a scalar,
-it computes the gradients in the same pass: (softmax - onehot) / n for each chunk, multiplied at once
-into grad_x, grad_weight and grad_bias. The backward pass only scales these by the incoming
-gradient, so no (tokens, vocab) tensor is stored or recomputed. It equals
+it computes the gradients in the same pass: softmax - onehot for each chunk, multiplied at once into
+grad_x, grad_weight and grad_bias. The backward pass only scales these by the incoming gradient over
+n, so no (tokens, vocab) tensor is stored or recomputed. It equals
 `F.cross_entropy(F.linear(x, weight, bias), targets)` up to float rounding.
 """
 
@@ -34,27 +34,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
         weight_t = weight.t().contiguous()  # (d, v)
         target_probs = x.new_empty(n)  # (n,)
         if needs_grad:
-            # Chunk sums of softmax @ weight, x^T @ softmax and softmax. The one-hot part of
-            # (softmax - onehot) is subtracted once below, on the whole batch.
+            # d(row loss)/d(logits) = softmax - onehot, computed chunk by chunk and multiplied at
+            # once into the gradients of x, weight and bias.
             grad_x = torch.empty_like(x)  # (n, d)
             grad_weight_t = torch.zeros_like(weight_t)  # (d, v)
             grad_bias = torch.zeros_like(bias)  # (v,)
+            minus_one = x.new_full((min(chunk_rows, n), 1), -1.0)  # (c, 1), scattered onto the targets
 
         for start in range(0, n, chunk_rows):
             rows = slice(start, start + chunk_rows)
+            chunk_targets = targets[rows].unsqueeze(1)  # (c, 1)
             probs = torch.addmm(bias, x[rows], weight_t).softmax(dim=1)  # (c, v)
-            torch.gather(probs, 1, targets[rows].unsqueeze(1), out=target_probs[rows].unsqueeze(1))
+            torch.gather(probs, 1, chunk_targets, out=target_probs[rows].unsqueeze(1))
             if needs_grad:
-                torch.mm(probs, weight_t.t(), out=grad_x[rows])
-                grad_weight_t.addmm_(x[rows].t(), probs)
-                grad_bias.add_(probs.sum(0))
+                grad_logits = probs.scatter_add_(1, chunk_targets, minus_one[: probs.shape[0]])  # (c, v)
+                torch.mm(grad_logits, weight_t.t(), out=grad_x[rows])
+                grad_weight_t.addmm_(x[rows].t(), grad_logits)
+                grad_bias.add_(grad_logits.sum(0))
         loss = -_target_log_probs(x, weight, bias, targets, target_probs).mean()
 
         if needs_grad:
-            grad_x.sub_(weight[targets])  # onehot @ weight picks the target rows of the weight
-            grad_weight = grad_weight_t.t().index_add_(0, targets, x, alpha=-1)  # minus onehot^T @ x
-            grad_bias.sub_(torch.bincount(targets, minlength=bias.shape[0]).to(bias.dtype))
-            ctx.save_for_backward(grad_x, grad_weight.contiguous(), grad_bias)
+            ctx.save_for_backward(grad_x, grad_weight_t.t().contiguous(), grad_bias)
         return loss
 
     @staticmethod
