@@ -14,6 +14,7 @@ from torch import nn
 
 from models.attention import chunked_causal_attention
 from models.config import ModelConfig
+from models.dropout import Dropout
 from models.layernorm import layer_norm_linear
 from models.losses import linear_cross_entropy
 from models.rotary import apply_rotary, rotary_tables
@@ -110,7 +111,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ffn_norm = nn.LayerNorm(config.d_model)
         self.ffn = FeedForward(config)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.attn.fast:
