@@ -18,8 +18,12 @@ def rotary_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor
     return angles.cos(), angles.sin()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the channel pairs of x (..., t, head_dim) by the angles in cos and sin (t, head_dim)."""
-    first, second = x.chunk(2, dim=-1)
-    rotated_half = torch.cat([-second, first], dim=-1)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Rotate the channel pairs of x along axis `dim` by the angles in cos and sin.
+
+    With the default dim=-1, x is (..., t, head_dim) and the tables are (t, head_dim). With dim=-2,
+    for channel-first x (..., head_dim, t), the tables are their transposes (head_dim, t).
+    """
+    first, second = x.chunk(2, dim=dim)
+    rotated_half = torch.cat([-second, first], dim=dim)
     return x * cos + rotated_half * sin

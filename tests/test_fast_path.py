@@ -198,9 +198,9 @@ def test_loss_underflowed_target_probability():
 
 def test_normalize_gradcheck():
     generator = torch.Generator().manual_seed(7)
-    x = torch.randn(6, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    x_t = torch.randn(4, 6, dtype=torch.float64, generator=generator, requires_grad=True)  # (d, n)
 
-    assert torch.autograd.gradcheck(lambda x: normalize(x, 1e-5), (x,))
+    assert torch.autograd.gradcheck(lambda x_t: normalize(x_t, 1e-5), (x_t,))
 
 
 @pytest.mark.parametrize("d_model", [4, 16, 64])
@@ -211,16 +211,16 @@ def test_layer_norm_linear_matches_modules(d_model):
     with torch.no_grad():  # a non-trivial affine, so folding it into the linear layer is tested
         norm.weight.normal_()
         norm.bias.normal_()
-    x = torch.randn(2, 5, d_model, dtype=torch.float64, requires_grad=True)
-    grad_y = torch.randn(2, 5, 3 * d_model, dtype=torch.float64)
-    inputs = (x, norm.weight, norm.bias, linear.weight, linear.bias)
+    x_t = torch.randn(d_model, 10, dtype=torch.float64, requires_grad=True)  # channel-first (d, n)
+    grad_y_t = torch.randn(3 * d_model, 10, dtype=torch.float64)
+    inputs = (x_t, norm.weight, norm.bias, linear.weight, linear.bias)
 
-    folded = layer_norm_linear(x, norm, linear)
-    folded_grads = torch.autograd.grad(folded, inputs, grad_y)
-    expected = linear(norm(x))
-    expected_grads = torch.autograd.grad(expected, inputs, grad_y)
+    folded_t = layer_norm_linear(x_t, norm, linear)
+    folded_grads = torch.autograd.grad(folded_t, inputs, grad_y_t)
+    expected_t = linear(norm(x_t.t())).t()
+    expected_grads = torch.autograd.grad(expected_t, inputs, grad_y_t)
 
-    torch.testing.assert_close(folded, expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(folded_t, expected_t, atol=1e-12, rtol=0)
     names = ("x", "norm.weight", "norm.bias", "linear.weight", "linear.bias")
     for name, grad, expected_grad in zip(names, folded_grads, expected_grads):
         torch.testing.assert_close(grad, expected_grad, atol=1e-12, rtol=0, msg=f"gradient of {name}")
