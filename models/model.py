@@ -29,8 +29,8 @@ class CausalSelfAttention(nn.Module):
 
     Two implementations compute the same function. `fast=True` runs `chunked_causal_attention`, which
     never materializes the scores of the whole batch at once, because the fused CPU kernel of
-    `scaled_dot_product_attention` is tuned for head dims of 64 and more and is slow at head_dim 2. `fast=False` calls
-    `scaled_dot_product_attention`, the reference to check the fast path against.
+    `scaled_dot_product_attention` is tuned for head dims of 64 and more and is slow at head_dim 2.
+    `fast=False` calls `scaled_dot_product_attention`, the reference to check the fast path against.
     """
 
     def __init__(self, config: ModelConfig) -> None:
