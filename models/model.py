@@ -140,14 +140,10 @@ class Block(nn.Module):
         """
         qkv_t = layer_norm_linear(x_t, self.attn_norm, self.attn.qkv)  # (3 d, b t)
         attended_t = linear_channel_first(self.attn.proj, self.attn._chunked_attention(qkv_t, b))
-        x_t = x_t + self._dropout_channel_first(attended_t)
+        x_t = x_t + self.dropout.forward_channel_first(attended_t)
         hidden_t = F.relu(layer_norm_linear(x_t, self.ffn_norm, self.ffn.up))  # (d_ff, b t)
-        return x_t + self._dropout_channel_first(linear_channel_first(self.ffn.down, hidden_t))
+        return x_t + self.dropout.forward_channel_first(linear_channel_first(self.ffn.down, hidden_t))
 
-    def _dropout_channel_first(self, x_t: torch.Tensor) -> torch.Tensor:
-        # Dropout is applied to the (b t, d) view, so a seed drops the same elements as on the
-        # reference path.
-        return self.dropout(x_t.t()).t()
 
 
 class TinyTransformer(nn.Module):

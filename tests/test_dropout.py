@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.dropout import GAP_SAMPLING_MAX_RATE, Dropout, dropped_positions
+from models.dropout import GAP_SAMPLING_MAX_RATE, Dropout, dropped_positions, geometric_gaps
 
 TRIALS = 4000
 
@@ -92,3 +92,36 @@ def test_dropout_high_rate_uses_dense_mask():
     torch.manual_seed(3)
 
     assert torch.equal(Dropout(rate)(x), expected)
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.5])  # gap sampling and the dense mask
+def test_channel_first_drops_same_elements(rate):
+    layer = Dropout(rate)
+    x = torch.randn(300, 4)  # (tokens, d)
+    x_t = x.t().contiguous()  # (d, tokens), the fast path's layout
+    torch.manual_seed(4)
+    expected = layer(x)
+    torch.manual_seed(4)
+
+    assert torch.equal(layer.forward_channel_first(x_t), expected.t())
+
+
+def test_channel_first_gradient_zeroes_dropped():
+    torch.manual_seed(5)
+    x_t = torch.randn(4, 300, requires_grad=True)
+
+    y_t = Dropout(0.05).forward_channel_first(x_t)
+    y_t.backward(torch.ones_like(y_t))
+
+    assert torch.equal(x_t.grad == 0, y_t == 0)
+
+
+def test_geometric_gaps_tail():
+    rate = 0.2
+    torch.manual_seed(6)
+    gaps = geometric_gaps(200_000, rate)
+
+    assert gaps.min().item() == 1.0
+    assert bool((gaps == gaps.floor()).all())
+    for k in (1, 3, 10):  # P(gap > k) = (1 - rate) ** k
+        assert (gaps > k).double().mean().item() == pytest.approx((1 - rate) ** k, abs=0.005)
