@@ -51,6 +51,9 @@ class CausalSelfAttention(nn.Module):
         # (dtype, device) -> cos, sin and mask cast from the float64 buffers, so the fast path does
         # not cast them on every call.
         self._fast_tables: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, ...]] = {}
+        # Probability buffers that backward has finished with, reused by the next training forward
+        # so that each step does not map and fault in fresh pages for them.
+        self._probs_workspace: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the attention output (b, t, d) for x (b, t, d), the normalized block input."""
@@ -86,7 +89,9 @@ class CausalSelfAttention(nn.Module):
         rotated = apply_rotary(qkv_t[: self.n_rotated], cos_t[:, :t], sin_t[:, :t], dim=-2)
         q_t, k_t = rotated[:2]  # each ((b h), e, t)
         v_t = rotated[2] if self.n_rotated == 3 else qkv_t[2]
-        y_t = chunked_causal_attention(q_t, k_t, v_t, mask[:t, :t], 1.0 / math.sqrt(self.head_dim))
+        y_t = chunked_causal_attention(
+            q_t, k_t, v_t, mask[:t, :t], 1.0 / math.sqrt(self.head_dim), workspace=self._probs_workspace
+        )
         return rearrange(y_t, "(b h) e t -> (h e) (b t)", b=b)
 
     def _tables(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -224,3 +224,37 @@ def test_layer_norm_linear_matches_modules(d_model):
     names = ("x", "norm.weight", "norm.bias", "linear.weight", "linear.bias")
     for name, grad, expected_grad in zip(names, folded_grads, expected_grads):
         torch.testing.assert_close(grad, expected_grad, atol=1e-12, rtol=0, msg=f"gradient of {name}")
+
+
+def test_probs_buffer_reused_between_steps():
+    config = make_config(4, "qkv")
+    model = TinyTransformer(config)
+    batch = torch.randint(0, config.vocab_size, (3, config.context_length + 1))
+    workspace = model.blocks[0].attn._probs_workspace
+
+    model.loss(batch[:, :-1], batch[:, 1:]).backward()
+    first = workspace[0].data_ptr()
+    model.loss(batch[:, :-1], batch[:, 1:]).backward()
+
+    assert len(workspace) == 1
+    assert workspace[0].data_ptr() == first
+
+
+def test_two_forwards_before_backward():
+    config = make_config(4, "qkv")
+    generator = torch.Generator().manual_seed(9)
+    first, second = (
+        torch.randint(0, config.vocab_size, (3, config.context_length + 1), generator=generator)
+        for _ in range(2)
+    )
+    model = make_model(config, torch.float64, fast=True)
+    model.loss(first[:, :-1], first[:, 1:]).backward()  # leaves a buffer in each workspace
+    model.zero_grad(set_to_none=True)
+    reference = make_model(config, torch.float64, fast=False)
+
+    for path in (model, reference):
+        loss = path.loss(first[:, :-1], first[:, 1:]) + path.loss(second[:, :-1], second[:, 1:])
+        loss.backward()
+
+    for (name, param), ref_param in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(param.grad, ref_param.grad, atol=1e-10, rtol=0, msg=f"gradient of {name}")
