@@ -70,11 +70,11 @@ def test_dropout_scales_kept_and_zeroes_dropped():
     y = layer(x)
     y.backward(torch.ones_like(y))
 
-    kept = y != 0
-    torch.testing.assert_close(y[kept], x[kept] / 0.95)
-    torch.testing.assert_close(x.grad[kept], torch.full_like(x.grad[kept], 1 / 0.95))
-    assert bool((x.grad[~kept] == 0).all())
-    assert 0 < (~kept).sum().item() < x.numel()
+    is_kept = y != 0
+    torch.testing.assert_close(y[is_kept], x[is_kept] / 0.95)
+    torch.testing.assert_close(x.grad[is_kept], torch.full_like(x.grad[is_kept], 1 / 0.95))
+    assert bool((x.grad[~is_kept] == 0).all())
+    assert 0 < (~is_kept).sum().item() < x.numel()
 
 
 def test_dropout_eval_and_zero_rate_are_identity():
