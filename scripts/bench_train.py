@@ -6,7 +6,8 @@ One step is forward, backward and a torch.optim.AdamW step in float32 on byte to
 For each width it times three contenders in the same process, one step of each in turn (A B C A B C)
 so that load from other processes hits all of them alike, and prints medians:
 
-- fast: TinyTransformer on its default path (chunked attention, fused chunked loss),
+- fast: TinyTransformer on its default path (channel-first activations, chunked attention, fused
+  chunked loss),
 - reference: TinyTransformer with set_fast(False) (scaled_dot_product_attention, F.cross_entropy),
 - baseline: the nanoGPT-style model below, outside the toolkit, with the same widths and heads.
 
