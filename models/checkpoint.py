@@ -123,6 +123,8 @@ def current_umask() -> int:
 def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read every tensor and the metadata of a safetensors file, with one clear error for bad files."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; pass the checkpoint's .safetensors file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:

@@ -104,6 +104,13 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    # Checked before the runner writes the run directory, so a rejected command leaves nothing behind.
+    if args.workers < 1:
+        print(f"progressive.py: error: --workers must be at least 1, got {args.workers}", file=sys.stderr)
+        return 2
+    if args.threads is not None and args.threads < 1:
+        print(f"progressive.py: error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
+        return 2
     try:
         config = build_config(args)
         config.validate()
@@ -114,13 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"progressive.py: error: {error}", file=sys.stderr)
         return 2
 
-    if args.workers < 1:
-        print(f"progressive.py: error: --workers must be at least 1, got {args.workers}", file=sys.stderr)
-        return 2
     if args.threads is not None:
-        if args.threads < 1:
-            print(f"progressive.py: error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
-            return 2
         torch.set_num_threads(args.threads)
     todo = runner.pending()
     total_steps = sum(arm.total_steps for arm, _ in todo)
@@ -158,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     for row in summary["arms"]:
         if row["compute_ratio_note"]:
             print(f"{row['arm']}: {row['compute_ratio_note']}")
-    threads = f"{args.workers} worker processes of 1 thread" if args.workers > 1 else f"{torch.get_num_threads()} threads"
+    if args.workers > 1:
+        threads = f"{args.workers} worker processes of 1 thread"
+    else:
+        threads = f"{torch.get_num_threads()} thread" + ("" if torch.get_num_threads() == 1 else "s")
     print(f"wall time: {wall:.0f} s on {device} with {threads}")
     print("figures: " + ", ".join(str(p) for p in paths))
     return 0

@@ -103,6 +103,11 @@ def test_load_missing_file(tmp_path):
         load_checkpoint(tmp_path / "missing.safetensors")
 
 
+def test_load_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="is a directory"):
+        load_checkpoint(tmp_path)
+
+
 def test_load_not_safetensors(tmp_path):
     path = tmp_path / "notes.safetensors"
     path.write_text("these are notes, not tensors\n")

@@ -138,6 +138,8 @@ def test_plot_script_compares_runs(smoke_run, tmp_path):
         (["--sizes", "4,x", "--steps", "2,2"], "comma-separated integers"),
         (["--sizes", "4,8", "--steps", "2,0"], "positive"),
         (["--sizes", "4,8", "--steps", "2,2", "--modes", "stretch"], "growth mode"),
+        (["--sizes", "4,8", "--steps", "2,2", "--workers", "0"], "--workers"),
+        (["--sizes", "4,8", "--steps", "2,2", "--threads", "-1"], "--threads"),
     ],
 )
 def test_bad_schedule_is_rejected_before_training(tmp_path, args, message):
