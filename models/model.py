@@ -21,7 +21,7 @@ from models.config import ModelConfig
 from models.dropout import Dropout
 from models.layernorm import layer_norm_linear, linear_channel_first
 from models.losses import linear_cross_entropy
-from models.rotary import apply_rotary, rotary_tables
+from models.rotary import apply_rotary, rotary_tables, rotate_channel_first
 
 
 class CausalSelfAttention(nn.Module):
@@ -86,9 +86,13 @@ class CausalSelfAttention(nn.Module):
         # One copy into the per-head layout that chunked_causal_attention multiplies fastest.
         qkv_t = rearrange(qkv_t, "(three h e) (b t) -> three (b h) e t", three=3, h=self.n_heads, b=b)
         cos_t, sin_t, mask = self._tables(qkv_t.dtype, qkv_t.device)
-        rotated = apply_rotary(qkv_t[: self.n_rotated], cos_t[:, :t], sin_t[:, :t], dim=-2)
-        q_t, k_t = rotated[:2]  # each ((b h), e, t)
-        v_t = rotated[2] if self.n_rotated == 3 else qkv_t[2]
+        cos_t, sin_t = cos_t[:, :t], sin_t[:, :t]
+        # unbind, unlike slicing, has a backward that stacks the gradients without zero-filling.
+        if self.n_rotated == 3:
+            q_t, k_t, v_t = rotate_channel_first(qkv_t, cos_t, sin_t).unbind(0)  # each ((b h), e, t)
+        else:
+            q_t, k_t, v_t = qkv_t.unbind(0)
+            q_t, k_t = rotate_channel_first(q_t, cos_t, sin_t), rotate_channel_first(k_t, cos_t, sin_t)
         y_t = chunked_causal_attention(
             q_t, k_t, v_t, mask[:t, :t], 1.0 / math.sqrt(self.head_dim), workspace=self._probs_workspace
         )

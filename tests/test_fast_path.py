@@ -13,6 +13,7 @@ from models import attention
 from models.attention import chunked_causal_attention
 from models.layernorm import layer_norm_linear, normalize
 from models.losses import linear_cross_entropy
+from models.rotary import apply_rotary, rotary_tables, rotate_channel_first
 
 # (dtype, absolute tolerance) for logits, loss and gradients of the two paths.
 TOLERANCES = [(torch.float64, 1e-10), (torch.float32, 1e-5)]
@@ -258,3 +259,20 @@ def test_two_forwards_before_backward():
 
     for (name, param), ref_param in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(param.grad, ref_param.grad, atol=1e-10, rtol=0, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("head_dim", [2, 4])
+def test_channel_first_rotation_matches_bitwise(head_dim):
+    generator = torch.Generator().manual_seed(10)
+    cos, sin = (table.float() for table in rotary_tables(head_dim, 16, 10_000.0))  # (t, e)
+    x = torch.randn(3, 5, 16, head_dim, generator=generator, requires_grad=True)  # (..., t, e)
+    x_t = x.detach().mT.contiguous().requires_grad_(True)  # (..., e, t)
+    grad = torch.randn(3, 5, 16, head_dim, generator=generator)
+
+    expected = apply_rotary(x, cos, sin)
+    expected.backward(grad)
+    rotated_t = rotate_channel_first(x_t, cos.mT.contiguous(), sin.mT.contiguous())
+    rotated_t.backward(grad.mT)
+
+    assert torch.equal(rotated_t, expected.mT)
+    assert torch.equal(x_t.grad, x.grad.mT)
