@@ -90,7 +90,9 @@ class _ChunkedCausalAttention(torch.autograd.Function):
         return grad_q_t.mul_(scale), grad_k_t.mul_(scale), grad_v_t, None, None, None, None, None
 
 
-def _take_buffer(workspace: list[torch.Tensor] | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+def _take_buffer(
+    workspace: list[torch.Tensor] | None, shape: tuple[int, ...], like: torch.Tensor
+) -> torch.Tensor:
     """Return a buffer of shape, dtype and device as `like`: one popped from workspace, or a new one.
 
     Buffers popped on the way that do not match are dropped, so a workspace does not grow when the
@@ -111,7 +113,7 @@ def _chunk_probs(
     The probabilities are written into `out` (c, t, t) when it is given.
     """
     scores = torch.baddbmm(mask, q_t.transpose(1, 2), k_t, alpha=scale)  # (c, t, t)
-    return torch.softmax(scores, dim=-1, out=out) if out is not None else scores.softmax(dim=-1)
+    return torch.softmax(scores, dim=-1, out=out)
 
 
 def chunked_causal_attention(

@@ -25,31 +25,31 @@ from torch import nn
 GAP_SAMPLING_MAX_RATE = 0.25
 
 
-def geometric_gaps(count: int, rate: float, device: torch.device | str = "cpu") -> torch.Tensor:
+def geometric_gaps(count: int, rate: float) -> torch.Tensor:
     """Return count independent geometric draws on {1, 2, ...} with success probability rate (float64).
 
     Inversion: floor(log(u) / log(1 - rate)) + 1 for u uniform on (0, 1], in float64 so the integers
     are exact. This ran about twice as fast as Tensor.geometric_ (torch 2.13, 1 thread).
     """
-    uniform = torch.rand(count, dtype=torch.float64, device=device)  # [0, 1)
+    uniform = torch.rand(count, dtype=torch.float64)  # [0, 1)
     return torch.rsub(uniform, 1.0).log_().div_(math.log1p(-rate)).floor_().add_(1.0)
 
 
-def dropped_positions(numel: int, rate: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Return the sorted flat indices (int64) that dropout at `rate` zeroes in a tensor of numel elements.
+def dropped_positions(numel: int, rate: float) -> torch.Tensor:
+    """Return the sorted flat indices (int64, CPU) that dropout at `rate` zeroes in numel elements.
 
-    Each index is dropped independently with probability rate, drawn from the default generator.
+    Each index is dropped independently with probability rate, drawn from the default CPU generator.
     """
     pieces = []
     next_start = 0  # first index not yet covered by a drawn gap
     while next_start < numel:
         expected = (numel - next_start) * rate
         count = int(expected + 6 * math.sqrt(expected) + 16)  # rarely too few, then the loop continues
-        ends = geometric_gaps(count, rate, device).cumsum_(0).add_(next_start - 1).long()  # (count,)
+        ends = geometric_gaps(count, rate).cumsum_(0).add_(next_start - 1).long()  # (count,)
         pieces.append(ends)
         next_start = int(ends[-1]) + 1
     if not pieces:
-        return torch.empty(0, dtype=torch.int64, device=device)
+        return torch.empty(0, dtype=torch.int64)
     flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     return flat[: int(torch.searchsorted(flat, numel))]  # drop the indices past the end
 
@@ -85,7 +85,7 @@ class Dropout(nn.Dropout):
             return x
         if self.p >= GAP_SAMPLING_MAX_RATE or x.device.type != "cpu":
             return x * self._dense_keep_mask(x.shape, x)
-        positions = dropped_positions(x.numel(), self.p, x.device)
+        positions = dropped_positions(x.numel(), self.p)
         return _ZeroOffsets.apply(x.contiguous(), positions, 1.0 / (1.0 - self.p))
 
     def forward_channel_first(self, x_t: torch.Tensor) -> torch.Tensor:
@@ -95,7 +95,7 @@ class Dropout(nn.Dropout):
         d, n = x_t.shape
         if self.p >= GAP_SAMPLING_MAX_RATE or x_t.device.type != "cpu":
             return x_t * self._dense_keep_mask((n, d), x_t).t()
-        positions = dropped_positions(x_t.numel(), self.p, x_t.device)  # row-major in (n, d)
+        positions = dropped_positions(x_t.numel(), self.p)  # row-major in (n, d)
         offsets = positions.remainder(d).mul_(n).add_(positions.div(d, rounding_mode="floor"))
         return _ZeroOffsets.apply(x_t.contiguous(), offsets, 1.0 / (1.0 - self.p))
 

@@ -36,6 +36,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if needs_grad:
             # d(row loss)/d(logits) = softmax - onehot, computed chunk by chunk and multiplied at
             # once into the gradients of x, weight and bias.
+            # empty_like keeps x's strides, so the transposed view of channel-first activations
+            # gets a gradient that is channel-first too, with no copy in backward.
             grad_x = torch.empty_like(x)  # (n, d)
             grad_weight_t = torch.zeros_like(weight_t)  # (d, v)
             grad_bias = torch.zeros_like(bias)  # (v,)

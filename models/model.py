@@ -154,7 +154,6 @@ class Block(nn.Module):
         return x_t + self.dropout.forward_channel_first(linear_channel_first(self.ffn.down, hidden_t))
 
 
-
 class TinyTransformer(nn.Module):
     """Token embedding → n_layers pre-norm blocks → linear output projection to byte logits.
 
@@ -175,7 +174,10 @@ class TinyTransformer(nn.Module):
         return self._fast
 
     def set_fast(self, fast: bool) -> "TinyTransformer":
-        """Choose the fast path (channel-first activations, chunked attention, fused loss) or the reference."""
+        """Choose the fast path (channel-first activations, chunked attention, fused loss) or not.
+
+        The reference path (fast=False) is the plain row-major model, for checking the fast one.
+        """
         self._fast = bool(fast)
         for block in self.blocks:
             block.attn.fast = self._fast

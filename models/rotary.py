@@ -26,8 +26,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class _RotateChannelFirst(torch.autograd.Function):
-    # Each half is written with the products and sums apply_rotary uses, so the results match it
-    # bit for bit: (-s) * sin equals -(s * sin), and a + (-b) equals a - b, in IEEE arithmetic.
+    """Rotation of channel-first pairs, with the products and sums apply_rotary uses.
+
+    The results match apply_rotary bit for bit: (-s) * sin equals -(s * sin), and a + (-b) equals
+    a - b, in IEEE arithmetic.
+    """
 
     @staticmethod
     def forward(ctx, x_t, cos_t, sin_t):

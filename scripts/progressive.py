@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers > 1:
         threads = f"{args.workers} worker processes of 1 thread"
     else:
-        threads = f"{torch.get_num_threads()} thread" + ("" if torch.get_num_threads() == 1 else "s")
+        count = torch.get_num_threads()
+        threads = f"{count} thread" + ("" if count == 1 else "s")
     print(f"wall time: {wall:.0f} s on {device} with {threads}")
     print("figures: " + ", ".join(str(p) for p in paths))
     return 0
